@@ -1,0 +1,181 @@
+"""`sparse_attention`: input checks and dispatch to the Triton, FlexAttention or portable backend."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import torch
+from torch import Tensor
+
+from powerattn.patterns import Pattern
+from powerattn.reference import block_gather_attention, document_positions
+
+BACKENDS = ("auto", "triton", "flex", "torch")
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, cu_seqlens: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"sparse_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"sparse_attention: {name} must be [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}"
+            )
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"sparse_attention: pattern must be a powerattn Pattern, got {type(pattern).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"sparse_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    (b, s, h, d), (bk, sk, hk, dk) = q.shape, k.shape
+    if (b, s, d) != (bk, sk, dk):
+        raise ValueError(
+            f"sparse_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seqlen and head_dim"
+        )
+    if hk == 0 or h % hk:
+        raise ValueError(f"sparse_attention: q heads ({h}) must be a multiple of k/v heads ({hk}) for GQA")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"sparse_attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"sparse_attention: q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"sparse_attention: devices differ: q {q.device}, k {k.device}, v {v.device}")
+    if s == 0:
+        raise ValueError("sparse_attention: seqlen must be > 0")
+    if cu_seqlens is None:
+        return
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            "sparse_attention: cu_seqlens must be a 1-D int32 tensor [num_docs + 1], got "
+            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
+    if b != 1:
+        raise ValueError(f"sparse_attention: cu_seqlens needs batch == 1 (packed documents), got batch {b}")
+    if cu_seqlens.device.type == "cpu":  # values are checked only where that costs no device sync
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != s or any(x > y for x, y in zip(cu[:-1], cu[1:])):
+            raise ValueError(
+                f"sparse_attention: cu_seqlens must ascend from 0 to seqlen={s}, got {cu[:4]}...{cu[-2:]}"
+            )
+
+
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, cu_seqlens: Tensor | None = None,
+    scale: float | None = None, backend: str = "auto", max_seqlen: int | None = None,
+) -> Tensor:
+    """Block-sparse causal attention of q [b, s, h, d] over k, v [b, s, kv_heads, d] under `pattern`.
+
+    cu_seqlens (int32 [num_docs + 1], batch 1) restarts the pattern at each document; max_seqlen,
+    the longest document, spares the Triton backend a device sync when given.
+    """
+    _check_inputs(q, k, v, pattern, cu_seqlens)
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "auto":
+        backend = _auto_backend(q, pattern)
+    if backend == "triton":
+        from powerattn.kernels import triton_attention
+
+        return triton_attention(q, k, v, pattern, cu_seqlens, scale, max_seqlen)
+    if backend == "flex":
+        return flex_sparse_attention(q, k, v, pattern, cu_seqlens, scale)
+    if cu_seqlens is not None and cu_seqlens.device.type != "cpu":
+        cu_seqlens = cu_seqlens.cpu()
+    return block_gather_attention(q, k, v, pattern, cu_seqlens, scale)
+
+
+def _auto_backend(q: Tensor, pattern: Pattern) -> str:
+    if not q.is_cuda:
+        return "torch"
+    from powerattn.kernels import triton_supports
+
+    return "triton" if triton_supports(q, pattern) else "flex"
+
+
+# FlexAttention: the BlockMask comes from the pattern's own tables and its mask_mod from token_rule.
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_fn(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Eager FlexAttention materialises scores; on CPU that is what runs (forward only in torch).
+    return _compiled_flex() if device.type == "cuda" else flex_attention
+
+
+FLEX_TILE = 128
+
+
+@functools.lru_cache(maxsize=32)
+def flex_block_mask(pattern: Pattern, seq_len: int, device: str):
+    """FlexAttention BlockMask for one sequence, built from `pattern.tables` (no dense mask)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tile = math.gcd(FLEX_TILE, pattern.block_size)
+    if tile % 16:
+        raise ValueError(
+            f"flex backend needs block_size divisible by 16, got block_size={pattern.block_size}"
+        )
+    t = pattern.tables(seq_len, tile, tile)
+    n = t.kv_ptr.numel() - 1
+    ptr, idx, full = t.kv_ptr.long(), t.kv_idx.long(), t.kv_full.long()
+    lens = ptr[1:] - ptr[:-1]
+    slot = torch.arange(n)  # FlexAttention wants one index slot per key tile
+    in_row = (ptr[:-1, None] + slot[None, :]).clamp(max=idx.numel() - 1)
+    full_idx = torch.where(slot[None, :] < full[:, None], idx[in_row], 0)
+    # Partial entries shifted to the front of their own list, as FlexAttention expects.
+    part_src = (ptr[:-1, None] + full[:, None] + slot[None, :]).clamp(max=idx.numel() - 1)
+    part_idx = torch.where(slot[None, :] < (lens - full)[:, None], idx[part_src], 0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pattern.token_rule(q_idx, kv_idx)
+
+    def as4d(x: Tensor) -> Tensor:
+        return x.view(1, 1, n, -1).to(device=device, dtype=torch.int32).contiguous()
+
+    kwargs = dict(
+        kv_num_blocks=as4d(lens - full), kv_indices=as4d(part_idx),
+        full_kv_num_blocks=as4d(full), full_kv_indices=as4d(full_idx),
+        BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
+    )
+    if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["seq_lengths"] = (seq_len, seq_len)
+    return BlockMask.from_kv_blocks(**kwargs)
+
+
+def _varlen_block_mask(pattern: Pattern, cu_seqlens: Tensor, seq_len: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc, pos = document_positions(cu_seqlens, seq_len)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & pattern.token_rule(pos[q_idx], pos[kv_idx])
+
+    tile = math.gcd(FLEX_TILE, pattern.block_size)
+    return create_block_mask(
+        mask_mod, None, None, seq_len, seq_len, device=cu_seqlens.device, BLOCK_SIZE=tile,
+        _compile=cu_seqlens.is_cuda,
+    )
+
+
+def flex_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, cu_seqlens: Tensor | None, scale: float
+) -> Tensor:
+    """FlexAttention with the pattern's BlockMask (GQA through enable_gqa)."""
+    s = q.shape[1]
+    if cu_seqlens is None:
+        block_mask = flex_block_mask(pattern, s, str(q.device))
+    else:
+        block_mask = _varlen_block_mask(pattern, cu_seqlens.to(q.device), s)
+    out = _flex_fn(q.device)(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
