@@ -1,6 +1,6 @@
 """powerattn: long-context continued pretraining with PowerAttention block-sparse attention."""
 
-from powerattn.ops import sparse_attention
+from powerattn.ops import decode_attention, sparse_attention
 from powerattn.patterns import BlockTables, Pattern, make_pattern, pattern_names, register
 from powerattn.receptive_field import ReceptiveField, receptive_field
 
@@ -8,6 +8,7 @@ __all__ = [
     "BlockTables",
     "Pattern",
     "ReceptiveField",
+    "decode_attention",
     "make_pattern",
     "pattern_names",
     "receptive_field",

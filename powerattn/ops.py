@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from powerattn.patterns import Pattern
-from powerattn.reference import block_gather_attention, document_positions
+from powerattn.reference import block_gather_attention, decode_reference, document_positions
 
 BACKENDS = ("auto", "triton", "flex", "torch")
 
@@ -83,6 +83,41 @@ def sparse_attention(
     if cu_seqlens is not None and cu_seqlens.device.type != "cpu":
         cu_seqlens = cu_seqlens.cpu()
     return block_gather_attention(q, k, v, pattern, cu_seqlens, scale)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, pattern: Pattern, cache_seqlens: Tensor,
+    scale: float | None = None, backend: str = "auto",
+) -> Tensor:
+    """Queries q [b, c, h, d] at positions cache_seqlens - c .. cache_seqlens - 1 against a KV cache.
+
+    k_cache, v_cache [b, max_len, kv_heads, d] are valid up to cache_seqlens (int32 [b], the chunk's
+    own keys included); each query reads exactly the key blocks its row of the pattern names.
+    """
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"decode_attention: want q [b, c, h, d] and k_cache == v_cache shape [b, len, kv_heads, d]; got "
+            f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    if q.shape[0] != k_cache.shape[0] or q.shape[3] != k_cache.shape[3] or q.shape[2] % k_cache.shape[2]:
+        raise ValueError(
+            f"decode_attention: q {tuple(q.shape)} does not match k_cache {tuple(k_cache.shape)} "
+            "(batch, head_dim, heads % kv_heads)"
+        )
+    if cache_seqlens.shape != (q.shape[0],):
+        raise ValueError(
+            f"decode_attention: cache_seqlens must have shape ({q.shape[0]},), got {tuple(cache_seqlens.shape)}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"decode_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "auto":
+        backend = _auto_backend(q, pattern)
+    if backend == "triton":
+        from powerattn.kernels import triton_decode
+
+        return triton_decode(q, k_cache, v_cache, pattern, cache_seqlens, scale)
+    return decode_reference(q, k_cache, v_cache, pattern, cache_seqlens, scale)
 
 
 def _auto_backend(q: Tensor, pattern: Pattern) -> str:

@@ -112,3 +112,37 @@ def block_gather_attention(
         for s, e in zip(bounds[:-1], bounds[1:]) if e > s
     ]
     return torch.cat(outs, dim=1)
+
+
+def decode_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, pattern: Pattern, cache_seqlens: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of a query chunk against a KV cache, reading only the key blocks the pattern names.
+
+    q [b, c, h, d] holds the queries at positions cache_seqlens[i] - c + j; k_cache, v_cache
+    [b, max_len, kv_heads, d] hold valid keys/values up to cache_seqlens[i] (the chunk included).
+    """
+    b, c, h, d = q.shape
+    group = h // k_cache.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bs = pattern.block_size
+    outs = []
+    for i, length in enumerate(cache_seqlens.tolist()):
+        q_pos = torch.arange(length - c, length)
+        t = pattern.tables(length)
+        ptr, idx = t.kv_ptr.long(), t.kv_idx.long()
+        rows = []
+        for qb in torch.unique(q_pos // bs).tolist():
+            blocks = idx[ptr[qb]:ptr[qb + 1]]
+            k_pos = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+            k_pos = k_pos[k_pos < length]
+            sel = q_pos // bs == qb
+            kk = k_cache[i, k_pos.to(q.device)].repeat_interleave(group, dim=1)
+            vv = v_cache[i, k_pos.to(q.device)].repeat_interleave(group, dim=1)
+            s = torch.einsum("qhd,khd->hqk", q[i, sel.to(q.device)], kk) * scale
+            mask = pattern.token_rule(q_pos[sel][:, None], k_pos[None, :]).to(q.device)
+            p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+            rows.append(torch.einsum("hqk,khd->qhd", p, vv))
+        outs.append(torch.cat(rows, dim=0))
+    return torch.stack(outs)
