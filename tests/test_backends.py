@@ -1,0 +1,133 @@
+"""Portable (torch) and FlexAttention backends against the float64 dense oracle."""
+
+import pytest
+import torch
+
+import powerattn
+from powerattn.reference import dense_reference
+
+PATTERNS = {
+    "power": dict(block_size=16, window=2, sink=1),
+    "sliding_window": dict(block_size=16, window=3, sink=1),
+    "stride_slash": dict(block_size=16, window=2, sink=1, stride=3),
+    "dilated": dict(block_size=16, window=6),
+    "longnet": dict(block_size=16, segment=2, levels=3),
+    "full": dict(block_size=16),
+}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(b, s, h, hkv, d, dtype, device="cpu"):
+    return [torch.randn(b, s, n, d, dtype=dtype, device=device) for n in (h, hkv, hkv)]
+
+
+def check(backend, name, b, s, h, hkv, d, dtype, cu=None, grads=True, tol=1e-10, device="cpu"):
+    pat = powerattn.make_pattern(name, **PATTERNS[name])
+    q, k, v = (t.requires_grad_(grads) for t in inputs(b, s, h, hkv, d, dtype, device))
+    out = powerattn.sparse_attention(q, k, v, pat, cu_seqlens=cu, backend=backend)
+    ref_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    ref = dense_reference(*ref_in, pat, cu_seqlens=cu)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) < tol, f"forward {rel_err(out, ref)}"
+    if grads:
+        g = torch.randn_like(ref)
+        out.backward(g.to(out.dtype))
+        ref.backward(g)
+        for nm, t, r in zip("qkv", (q, k, v), ref_in):
+            assert rel_err(t.grad, r.grad) < tol, f"d{nm} {rel_err(t.grad, r.grad)}"
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("s", [16, 100, 161])
+def test_torch_backend_gqa(name, s):
+    check("torch", name, 2, s, 8, 2, 8, torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_torch_backend_varlen_three_documents(name):
+    cu = torch.tensor([0, 37, 38, 131], dtype=torch.int32)
+    check("torch", name, 1, 131, 4, 2, 8, torch.float64, cu=cu)
+
+
+def test_torch_backend_float32():
+    check("torch", "power", 1, 200, 4, 1, 16, torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_flex_backend_forward_cpu(name):
+    # FlexAttention has no CPU backward in torch; its gradients are tested on the GPU below.
+    check("flex", name, 2, 100, 8, 2, 16, torch.float32, grads=False, tol=1e-5)
+    cu = torch.tensor([0, 37, 38, 100], dtype=torch.int32)
+    check("flex", name, 1, 100, 4, 2, 16, torch.float32, cu=cu, grads=False, tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_flex_backend_gpu_with_gradients(name):
+    check("flex", name, 1, 1000, 8, 2, 64, torch.float32, tol=2e-3, device="cuda")
+    cu = torch.tensor([0, 300, 301, 1000], dtype=torch.int32, device="cuda")
+    check("flex", name, 1, 1000, 8, 2, 64, torch.float32, cu=cu, tol=2e-3, device="cuda")
+
+
+def test_default_scale_and_explicit_scale():
+    pat = powerattn.make_pattern("power", block_size=16)
+    q, k, v = (t.detach() for t in inputs(1, 40, 2, 2, 8, torch.float64))
+    a = powerattn.sparse_attention(q * 2, k, v, pat, scale=8**-0.5, backend="torch")
+    b = powerattn.sparse_attention(q, k, v, pat, scale=2 * 8**-0.5, backend="torch")
+    torch.testing.assert_close(a, b)
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    from powerattn import ops
+
+    called = {}
+    monkeypatch.setattr(ops, "block_gather_attention", lambda *a, **k: called.setdefault("torch", a[0]))
+    q, k, v = (t.detach() for t in inputs(1, 8, 2, 2, 8, torch.float32))
+    powerattn.sparse_attention(q, k, v, powerattn.make_pattern("full", block_size=16))
+    assert "torch" in called
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda q, k, v: (q[0], k, v), r"q must be \[batch, seqlen, heads, head_dim\], got shape \(10, 4, 8\)"),
+        (lambda q, k, v: (q, k, v[:, :5]), r"k \(1, 10, 2, 8\) and v \(1, 5, 2, 8\) must have the same shape"),
+        (lambda q, k, v: (q[:, :, :3], k, v), r"q heads \(3\) must be a multiple of k/v heads \(2\)"),
+        (lambda q, k, v: (q, k.half(), v.half()), "dtypes differ"),
+        (lambda q, k, v: (q[:, :9], k, v), r"q \(1, 9, 4, 8\) and k \(1, 10, 2, 8\) must agree"),
+    ],
+)
+def test_bad_inputs_name_the_tensors(mutate, match):
+    q, k, v = (t.detach() for t in inputs(1, 10, 4, 2, 8, torch.float32))
+    with pytest.raises(ValueError, match=match):
+        powerattn.sparse_attention(*mutate(q, k, v), powerattn.make_pattern("power", block_size=16))
+
+
+def test_bad_cu_seqlens_and_backend():
+    pat = powerattn.make_pattern("power", block_size=16)
+    q, k, v = (t.detach() for t in inputs(1, 10, 2, 2, 8, torch.float32))
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32 tensor"):
+        powerattn.sparse_attention(q, k, v, pat, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="cu_seqlens must ascend from 0 to seqlen=10"):
+        powerattn.sparse_attention(q, k, v, pat, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        powerattn.sparse_attention(q, k, v, pat, backend="cuda")
+    with pytest.raises(TypeError, match="pattern must be a powerattn Pattern, got str"):
+        powerattn.sparse_attention(q, k, v, "power")
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_decode_reference_matches_full_forward(name):
+    pat = powerattn.make_pattern(name, **PATTERNS[name])
+    q, k, v = (t.detach() for t in inputs(2, 90, 4, 2, 8, torch.float64))
+    ref = dense_reference(q, k, v, pat)
+    lengths = torch.tensor([90, 61], dtype=torch.int32)
+    for c in (1, 5, 40):
+        out = powerattn.decode_attention(
+            torch.stack([q[0, 90 - c:90], q[1, 61 - c:61]]), k, v, pat, lengths, backend="torch"
+        )
+        torch.testing.assert_close(out[0], ref[0, 90 - c:90])
+        torch.testing.assert_close(out[1], dense_reference(q[1:, :61], k[1:, :61], v[1:, :61], pat)[0, 61 - c:])
