@@ -1,0 +1,255 @@
+"""Backward block-sparse attention: delta = rowsum(dO * O), then dK/dV and dQ kernels.
+
+dK/dV: one program owns one key tile of one KV head and walks the transposed table (the query
+tiles that read it) for every query head of its GQA group, so the group's reduction happens in
+registers: no atomics, no float32 copy of K/V per head. dQ: one program owns one query tile and
+walks the forward table. Both recompute P from the saved base-2 log-sum-exp; deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from powerattn.patterns import BlockTables
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, n_rows, n_heads, stride_ob, stride_os, stride_oh, stride_db, stride_ds,
+                  stride_dh, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    batch, head = pid_bh // n_heads, pid_bh % n_heads
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs < n_rows
+    o = tl.load(O + batch * stride_ob + head * stride_oh + offs[:, None] * stride_os + offs_d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + batch * stride_db + head * stride_dh + offs[:, None] * stride_ds + offs_d[None, :],
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * n_rows + offs, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _valid_count(idx_ptr, lo, hi, limit, CHUNK: tl.constexpr):
+    """How many of the ascending entries idx[lo:hi] are < limit (tables may cover a longer length)."""
+    n = lo * 0
+    for c in range(lo, hi, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        vals = tl.load(idx_ptr + offs, mask=offs < hi, other=limit)
+        n += tl.sum((vals < limit).to(tl.int32), 0)
+    return n
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, offs_n, seqlen, qk_scale,
+               MASKED: tl.constexpr):
+    row_ok = offs_m < seqlen
+    q = tl.load(q_ptrs, mask=row_ok[None, :], other=0.0)  # [HEAD_DIM, BLOCK_M]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    p_t = tl.math.exp2(tl.dot(k, q) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+    if MASKED:
+        p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), tl.trans(q))
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, q_ptr, q_idx, q_full, cu_seqlens,
+    seq_len, n_kv_heads, qk_scale, sm_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    kv_head = pid_bh % n_kv_heads
+    if VARLEN:
+        batch = 0
+        start = tl.load(cu_seqlens + pid_bh // n_kv_heads)
+        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start
+    else:
+        batch = pid_bh // n_kv_heads
+        start = 0
+        seqlen = seq_len
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seqlen
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + (start + offs_n)[:, None] * stride_ks + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + (start + offs_n)[:, None] * stride_vs + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    n_q_tiles = tl.cdiv(seqlen, BLOCK_M)
+    lo = tl.load(q_ptr + pid_n)
+    mid = lo + tl.load(q_full + pid_n)
+    hi = tl.load(q_ptr + pid_n + 1)
+    mid_valid = lo + _valid_count(q_idx, lo, mid, n_q_tiles, 64)
+    hi_valid = mid + _valid_count(q_idx, mid, hi, n_q_tiles, 64)
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
+        do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
+        lse_base = LSE + batch * stride_lb + head * stride_lh + start
+        delta_base = DELTA + (batch * n_kv_heads * GROUP + head) * seq_len + start
+        for j in range(lo, mid_valid):
+            offs_m = tl.load(q_idx + j) * BLOCK_M + tl.arange(0, BLOCK_M)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[None, :] * stride_qs + offs_d[:, None],
+                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :], lse_base + offs_m,
+                                delta_base + offs_m, offs_m, offs_n, seqlen, qk_scale, False)
+        for j in range(mid, hi_valid):
+            offs_m = tl.load(q_idx + j) * BLOCK_M + tl.arange(0, BLOCK_M)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[None, :] * stride_qs + offs_d[:, None],
+                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :], lse_base + offs_m,
+                                delta_base + offs_m, offs_m, offs_n, seqlen, qk_scale, True)
+
+    dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, MASKED: tl.constexpr):
+    if MASKED:
+        in_range = offs_n < seqlen
+        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        v = tl.load(v_ptrs, mask=in_range[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p = tl.math.exp2(tl.dot(q, k) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & in_range[None, :], p, 0.0)
+    dp = tl.dot(do, v)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), tl.trans(k))
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, kv_ptr, kv_idx, kv_full, cu_seqlens,
+    seq_len, n_heads, qk_scale, sm_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    head = pid_bh % n_heads
+    if VARLEN:
+        batch = 0
+        start = tl.load(cu_seqlens + pid_bh // n_heads)
+        seqlen = tl.load(cu_seqlens + pid_bh // n_heads + 1) - start
+    else:
+        batch = pid_bh // n_heads
+        start = 0
+        seqlen = seq_len
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    kv_head = head // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + (start + offs_m)[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + (start + offs_m)[:, None] * stride_dos
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + batch * stride_lb + head * stride_lh + start + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + (batch * n_heads + head) * seq_len + start + offs_m, mask=row_ok, other=0.0)
+    k_base = K + batch * stride_kb + kv_head * stride_kh + start * stride_ks
+    v_base = V + batch * stride_vb + kv_head * stride_vh + start * stride_vs
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo = tl.load(kv_ptr + pid_m)
+    mid = lo + tl.load(kv_full + pid_m)
+    hi = tl.load(kv_ptr + pid_m + 1)
+    for j in range(lo, mid):
+        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dq = _dq_step(dq, q, do, lse, delta, k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                      v_base + offs_n[None, :] * stride_vs + offs_d[:, None], offs_m, offs_n, seqlen, qk_scale,
+                      False)
+    for j in range(mid, hi):
+        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dq = _dq_step(dq, q, do, lse, delta, k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                      v_base + offs_n[None, :] * stride_vs + offs_d[:, None], offs_m, offs_n, seqlen, qk_scale,
+                      True)
+    dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + (start + offs_m)[:, None] * stride_dqs + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def launch_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta [b, h, s] = rowsum(dO * O) in float32."""
+    b, s, h, d = o.shape
+    delta = torch.empty((b, h, s), device=o.device, dtype=torch.float32)
+    block = 64
+    _delta_kernel[(triton.cdiv(s, block), b * h)](
+        o, do, delta, s, h, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        HEAD_DIM=d, BLOCK=block,
+    )
+    return delta
+
+
+def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seqlen: int, scale: float,
+                cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles."""
+    b, s, h, d = q.shape
+    hkv = k.shape[2]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_seq * hkv)
+    _dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, tables.q_ptr, tables.q_idx, tables.q_full, cu_seqlens,
+        s, hkv, scale * 1.4426950408889634, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
+    )
+    return dk, dv
+
+
+def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seqlen: int, scale: float,
+              cfg: dict) -> torch.Tensor:
+    """dQ [b, s, h, d] from the forward table at (BLOCK_M, BLOCK_N) tiles."""
+    b, s, h, d = q.shape
+    dq = torch.empty_like(q)
+    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_seq * h)
+    _dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
+        s, h, scale * 1.4426950408889634, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=h // k.shape[2], HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
+    )
+    return dq

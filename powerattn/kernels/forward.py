@@ -1,0 +1,125 @@
+"""Forward block-sparse attention: online softmax (exp2) over the key tiles a pattern's table names.
+
+One program owns one query tile of one head. It walks its row of the forward table: first the
+tiles wholly below the causal diagonal (no mask, no bounds checks), then the few that overlap it.
+Saves the base-2 log-sum-exp per row for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from powerattn.patterns import BlockTables
+
+
+@triton.jit
+def _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, MASKED: tl.constexpr):
+    """Fold one key tile into the running (acc, max, sum) of the online softmax."""
+    if MASKED:
+        in_range = offs_n < seqlen
+        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, k)
+    if MASKED:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & in_range[None, :]
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with no key yet keeps m = -inf; shift by 0 then so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, kv_ptr, kv_idx, kv_full, cu_seqlens,
+    seq_len, n_heads, qk_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    # Longest rows first: query tiles are handed out from the end of the sequence.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    head = pid_bh % n_heads
+    if VARLEN:
+        batch = 0
+        start = tl.load(cu_seqlens + pid_bh // n_heads)
+        seqlen = tl.load(cu_seqlens + pid_bh // n_heads + 1) - start
+    else:
+        batch = pid_bh // n_heads
+        start = 0
+        seqlen = seq_len
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    kv_head = head // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + (start + offs_m)[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + batch * stride_kb + kv_head * stride_kh + start * stride_ks
+    v_base = V + batch * stride_vb + kv_head * stride_vh + start * stride_vs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo = tl.load(kv_ptr + pid_m)
+    mid = lo + tl.load(kv_full + pid_m)
+    hi = tl.load(kv_ptr + pid_m + 1)
+    for j in range(lo, mid):
+        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, False)
+    for j in range(mid, hi):
+        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, True)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+    o_ptrs = O + batch * stride_ob + head * stride_oh + (start + offs_m)[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + batch * stride_lb + head * stride_lh + start + offs_m, lse, mask=row_ok)
+
+
+def launch_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: BlockTables, cu_seqlens: torch.Tensor | None,
+    max_seqlen: int, scale: float, cfg: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel; returns out [b, s, h, d] and base-2 LSE [b, h, s] (float32)."""
+    b, s, h, d = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, s), device=q.device, dtype=torch.float32)
+    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_seq * h)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
+        s, h, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=h // k.shape[2], HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
+    )
+    return o, lse
