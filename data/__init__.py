@@ -1,0 +1,65 @@
+"""Data pipeline: sources through HF `datasets`, sentencepiece tokenizer, packed document-aware batches,
+synthetic long-context tasks, and a resumable distributed loader.
+
+    from data import DataConfig, build_loader
+    loader, tok = build_loader(DataConfig(seq_len=4096), batch_size=1, rank=r, world_size=w, sp_size=sp)
+    batch = next(loader)            # input_ids, labels, position_ids [B, S]; cu_seqlens, max_seqlen
+    loader.set_seq_len(8192)        # curriculum stage change
+    state = loader.state_dict()     # into trainer_state.json; loader.load_state_dict(state) resumes exactly
+
+The batch format (labels masking at document starts, cu_seqlens over the flattened batch) is
+documented in `data.packing`; the stream definition (mixture, epochs, sharding) in `data.loader`.
+Offline preparation: `python -m data.prepare --input PATH_OR_GLOB --tokenizer tokenizer.model
+--seq-len N --output DIR`; a prepared DIR is then usable as a source path.
+"""
+
+from data.build import build_loader, local_rank_zero_first
+from data.config import DataConfig, SourceConfig, SyntheticConfig
+from data.default import default_corpus, default_tokenizer, load_tokenizer
+from data.loader import PackedLoader, Source
+from data.packing import IGNORE_INDEX, collate, iter_packed, row_cu_seqlens, shard_sequence_parallel
+from data.sources import load_sources, token_counts, tokenize_source
+from data.store import TokenStore
+from data.synthetic import (
+    TASKS,
+    Sample,
+    TaskSpec,
+    TokenPrompt,
+    make_task,
+    niah_multikey,
+    passkey,
+    variable_tracking,
+)
+from data.tokenizer import Tokenizer, train_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "DataConfig",
+    "PackedLoader",
+    "Sample",
+    "Source",
+    "SourceConfig",
+    "SyntheticConfig",
+    "TaskSpec",
+    "TokenPrompt",
+    "TokenStore",
+    "Tokenizer",
+    "build_loader",
+    "collate",
+    "default_corpus",
+    "default_tokenizer",
+    "iter_packed",
+    "load_sources",
+    "load_tokenizer",
+    "local_rank_zero_first",
+    "make_task",
+    "niah_multikey",
+    "passkey",
+    "row_cu_seqlens",
+    "shard_sequence_parallel",
+    "token_counts",
+    "tokenize_source",
+    "train_tokenizer",
+    "variable_tracking",
+]

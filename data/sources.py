@@ -1,0 +1,268 @@
+"""Turn `SourceConfig`s into tokenised `Source`s: find the files, load them with HF `datasets`,
+tokenise with `datasets.map(num_proc=...)` and cache the result as a token store.
+
+The cache folder is `<cache_dir>/tokenized/<name>-<key>`, key = hash of (the files' paths, sizes
+and mtimes or the hub id, split, text field, max_docs, tokenizer hash): a second run with the same
+inputs opens the store without touching `datasets` or the tokenizer. The intermediate Arrow files
+of `datasets.map` are deleted once the store is published (the store holds the same ids, smaller).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from data.config import DataConfig, SourceConfig, source_from_dict
+from data.loader import Source
+from data.store import StoreWriter, TokenStore
+from data.tokenizer import Tokenizer, encode_documents
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow",
+            ".csv": "csv"}
+_GLOB_CHARS = set("*?[")
+
+
+def _builder_of(path: str) -> str | None:
+    name = path[:-3] if path.endswith(".gz") else path
+    return BUILDERS.get(Path(name).suffix.lower())
+
+
+def resolve(path: str, name: str) -> tuple[str, Any]:
+    """Classify a source path: ("store"|"prepared"|"disk", folder), (builder, [files]) or ("hub", id)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if TokenStore.is_complete(p):
+            return "store", p
+        if (p / "manifest.json").is_file():
+            return "prepared", p
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+            return "disk", p
+        files = sorted(f for f in glob.glob(str(p / "**" / "*"), recursive=True)
+                       if os.path.isfile(f) and _builder_of(f))
+        if not files:
+            raise FileNotFoundError(
+                f"data source {name!r}: folder {path!r} holds no data files ({', '.join(sorted(BUILDERS))})"
+            )
+    elif p.is_file():
+        files = [str(p)]
+    elif _GLOB_CHARS & set(path):
+        files = sorted(f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"data source {name!r}: glob {path!r} matches no files")
+    elif _looks_like_hub_id(path):
+        return "hub", path
+    else:
+        raise FileNotFoundError(f"data source {name!r}: no file or folder at {path!r}")
+    kinds = {_builder_of(f) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if _builder_of(f) is None)
+        raise ValueError(f"data source {name!r}: unsupported file type {bad!r} (known: {sorted(BUILDERS)})")
+    if len(kinds) > 1:
+        raise ValueError(
+            f"data source {name!r}: {path!r} mixes file types {sorted(kinds)}; use one source per type"
+        )
+    return kinds.pop(), [os.path.abspath(f) for f in files]
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return (not path.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts)
+            and _builder_of(path) is None)
+
+
+def source_name(src: SourceConfig) -> str:
+    if src.name:
+        return src.name
+    stem = Path(src.path.rstrip("/")).name
+    for ch in "*?[]":
+        stem = stem.replace(ch, "")
+    return stem.split(".")[0] or "source"
+
+
+def _cache_key(kind: str, target: Any, src: SourceConfig, field: str, tok: Tokenizer) -> str:
+    if isinstance(target, list):
+        ident = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in target]
+    else:
+        ident = str(target)
+    blob = json.dumps([1, kind, ident, src.split, field, src.max_docs, tok.hash])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_dataset(kind: str, target: Any, src: SourceConfig, cache_dir: Path, streaming: bool):
+    import datasets
+
+    if kind == "disk":
+        ds = datasets.load_from_disk(str(target))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise ValueError(f"{target}: no split {src.split!r}; splits are {sorted(ds)}")
+            ds = ds[src.split]
+        return ds.to_iterable_dataset() if streaming else ds
+    hf_cache = str(cache_dir / "hf")
+    if kind == "hub":
+        return datasets.load_dataset(target, split=src.split, streaming=streaming, cache_dir=hf_cache)
+    # Plain .txt files: one document per file (sample_by="document"), as for books.
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    return datasets.load_dataset(kind, data_files=target, split="train", streaming=streaming,
+                                 cache_dir=hf_cache, **extra)
+
+
+def _columns(ds) -> list[str]:
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    first = next(iter(ds), None)
+    return [] if first is None else list(first)
+
+
+def _texts(batch: dict, field: str) -> list[str]:
+    out = []
+    for t in batch[field]:
+        if t is None:
+            t = ""
+        if not isinstance(t, str):
+            raise TypeError(f"text field {field!r} holds {type(t).__name__}, not str")
+        out.append(t)
+    return out
+
+
+def _tokenize_batch(batch: dict, field: str, model_path: str, add_bos: bool) -> dict:
+    return {"input_ids": encode_documents(_texts(batch, field), model_path, add_bos)}
+
+
+def tokenize_source(
+    src: SourceConfig, tokenizer: Tokenizer, cache_dir: str | os.PathLike, text_field: str = "text",
+    num_proc: int = 1,
+) -> list[Source]:
+    """Tokenise one configured source (or open its cache / prepared store) into `Source`s."""
+    name, cache_dir = source_name(src), Path(cache_dir)
+    kind, target = resolve(src.path, name)
+    if kind == "store":
+        return [_source(src, name, _check_tokenizer(TokenStore(target), tokenizer))]
+    if kind == "prepared":
+        return _prepared_sources(src, target, tokenizer)
+    field = src.text_field or text_field
+    store_dir = cache_dir / "tokenized" / f"{name}-{_cache_key(kind, target, src, field, tokenizer)}"
+    if TokenStore.is_complete(store_dir):
+        log.info("data source %r: tokenised cache hit %s", name, store_dir)
+        return [_source(src, name, TokenStore(store_dir))]
+    meta = {"name": name, "source": src.path, "text_field": field, "tokenizer": tokenizer.hash,
+            "tokenizer_path": tokenizer.path}
+    where = f"data source {name!r} ({src.path})"
+    ds = _load_dataset(kind, target, src, cache_dir, src.streaming)
+    cols = _columns(ds)
+    if not cols:
+        raise ValueError(f"{where}: the dataset is empty (no documents)")
+    if field not in cols:
+        raise ValueError(f"{where}: text field {field!r} not found; columns are {cols}")
+    with StoreWriter(store_dir, tokenizer.vocab_size, meta) as w:
+        try:
+            if src.streaming:
+                _tokenize_streaming(ds, w, field, tokenizer, src.max_docs, name)
+            else:
+                _tokenize_map(ds, w, field, tokenizer, src.max_docs, num_proc, store_dir, name)
+        except TypeError as e:
+            raise TypeError(f"{where}: {e}") from None
+        store = w.commit()
+    log.info("data source %r: %d docs, %d tokens -> %s", name, store.num_docs, store.num_tokens, store_dir)
+    return [_source(src, name, store)]
+
+
+def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int | None, num_proc: int,
+                  store_dir: Path, name: str) -> None:
+    if max_docs is not None:
+        ds = ds.select(range(min(max_docs, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"data source {name!r}: the dataset is empty (no documents)")
+    map_dir = store_dir.parent / f".map-{store_dir.name}"
+    map_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out = ds.map(
+            _tokenize_batch, batched=True, batch_size=256, remove_columns=ds.column_names,
+            num_proc=max(1, min(num_proc, len(ds))) if num_proc > 1 else None,
+            fn_kwargs={"field": field, "model_path": tok.path, "add_bos": tok.add_bos},
+            cache_file_name=str(map_dir / "tokens.arrow"), new_fingerprint=store_dir.name,
+            desc=f"tokenising {name}",
+        )
+        for chunk in out.data.column("input_ids").chunks:
+            w.add(chunk.flatten().to_numpy(), chunk.value_lengths().to_numpy())
+        del out
+    finally:
+        shutil.rmtree(map_dir, ignore_errors=True)
+
+
+def _tokenize_streaming(
+    ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int | None, name: str
+) -> None:
+    texts: list[str] = []
+    n = 0
+    for row in tqdm(ds, desc=f"tokenising {name} (streaming)", unit=" docs", total=max_docs):
+        if max_docs is not None and n >= max_docs:
+            break
+        texts += _texts({field: [row[field]]}, field)
+        n += 1
+        if len(texts) == 1024:
+            w.add_docs(tok.encode_batch(texts, eos=True))
+            texts = []
+    if texts:
+        w.add_docs(tok.encode_batch(texts, eos=True))
+
+
+def _check_tokenizer(store: TokenStore, tok: Tokenizer) -> TokenStore:
+    if store.meta.get("tokenizer") != tok.hash:
+        raise ValueError(
+            f"token store {store.path} was made with tokenizer {store.meta.get('tokenizer')} "
+            f"({store.meta.get('tokenizer_path')}), not {tok.hash} ({tok.path})"
+        )
+    return store
+
+
+def _prepared_sources(src: SourceConfig, root: Path, tok: Tokenizer) -> list[Source]:
+    # A prepare output expands to its sources, sharing src.weight in proportion to their tokens.
+    manifest = json.loads((root / "manifest.json").read_text())
+    stores = [_check_tokenizer(TokenStore(root / s["dir"]), tok) for s in manifest["sources"]]
+    total = sum(s.num_tokens for s in stores)
+    return [
+        Source(s.name, s, src.weight * s.num_tokens / total, src.upsample_min_tokens, src.upsample_factor)
+        for s in stores
+    ]
+
+
+def _source(src: SourceConfig, name: str, store: TokenStore) -> Source:
+    return Source(name, store, src.weight, src.upsample_min_tokens, src.upsample_factor)
+
+
+def load_sources(cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
+    """All sources of `cfg`, tokenised or opened from cache (the default synthetic corpus when empty)."""
+    specs = [source_from_dict(s) for s in cfg.sources]
+    if not specs:
+        from data.default import default_source_config
+
+        specs = [default_source_config(cfg)]
+    out: list[Source] = []
+    for s in specs:
+        out += tokenize_source(s, tokenizer, cfg.cache_dir, cfg.text_field, cfg.num_proc)
+    names = [s.name for s in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"data sources: duplicate names {dup}; set `name` on each source")
+    return out
+
+
+def token_counts(sources: list[Source]) -> dict[str, dict[str, float]]:
+    """Per-source documents, tokens and mixture share, for reports and logs."""
+    w = np.array([s.weight for s in sources], dtype=np.float64)
+    return {
+        s.name: {"docs": s.store.num_docs, "tokens": s.store.num_tokens, "share": float(x)}
+        for s, x in zip(sources, w / w.sum())
+    }
