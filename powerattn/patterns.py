@@ -45,6 +45,14 @@ def make_pattern(name: str, **params) -> Pattern:
     return cls(**params)
 
 
+@functools.lru_cache(maxsize=None)
+def pattern_from_key(key: str) -> Pattern:
+    """Inverse of `Pattern.key` (how custom ops, which take no Python objects, receive a pattern)."""
+    name, _, rest = key.partition("(")
+    params = dict(item.split("=", 1) for item in rest.rstrip(")").split(",") if item)
+    return make_pattern(name, **{k: int(v) for k, v in params.items()})
+
+
 class BlockTables(NamedTuple):
     """CSR index tables of a pattern at (tile_m x tile_n) granularity; all int32.
 
@@ -82,10 +90,14 @@ class Pattern:
 
     block_size: int = 256
     name: ClassVar[str] = ""
+    key: ClassVar[str]  # stable id, e.g. "power(block_size=256,window=5,sink=1)"; set per instance
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_int(f"pattern {self.name!r}", f.name, getattr(self, f.name), self._minimum(f.name))
+        params = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        for field, value in params:
+            _check_int(f"pattern {self.name!r}", field, value, self._minimum(field))
+        # Precomputed so traced code (torch.compile) never has to build it.
+        object.__setattr__(self, "key", f"{self.name}({','.join(f'{k}={v}' for k, v in params)})")
 
     def _minimum(self, field: str) -> int:
         return 0 if field == "sink" else 1

@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from powerattn.kernels.tuning import pick_config
-from powerattn.patterns import BlockTables, Pattern
+from powerattn.patterns import BlockTables, Pattern, pattern_from_key
 
-_PATTERNS: dict[str, Pattern] = {}
 _DEVICE_TABLES: dict[tuple, BlockTables] = {}
 
 
@@ -98,7 +97,7 @@ def sparse_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_seqlen: int, scale: float, pattern_key: str
 ) -> tuple[Tensor, Tensor]:
     """Forward kernel as a custom op: (out [b, s, h, d], base-2 LSE [b, h, s])."""
-    return _forward(q, k, v, cu_seqlens, max_seqlen, scale, _PATTERNS[pattern_key])
+    return _forward(q, k, v, cu_seqlens, max_seqlen, scale, pattern_from_key(pattern_key))
 
 
 @sparse_attn_fwd.register_fake
@@ -113,7 +112,7 @@ def sparse_attn_bwd(
     max_seqlen: int, scale: float, pattern_key: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward kernels as a custom op: (dq, dk, dv)."""
-    return _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, _PATTERNS[pattern_key])
+    return _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, pattern_from_key(pattern_key))
 
 
 @sparse_attn_bwd.register_fake
@@ -139,12 +138,6 @@ def _autograd_backward(ctx, do, dlse):
 sparse_attn_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _pattern_key(pattern: Pattern) -> str:
-    key = repr(pattern)
-    _PATTERNS.setdefault(key, pattern)
-    return key
-
-
 def triton_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, cu_seqlens: Tensor | None, scale: float,
     max_seqlen: int | None = None,
@@ -158,7 +151,7 @@ def triton_attention(
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the one device sync of varlen
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
-    out, _ = sparse_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale), _pattern_key(pattern))
+    out, _ = sparse_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale), pattern.key)
     return out
 
 

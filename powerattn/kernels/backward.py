@@ -19,15 +19,15 @@ from powerattn.patterns import BlockTables
 def _delta_kernel(O, DO, DELTA, n_rows, n_heads, stride_ob, stride_os, stride_oh, stride_db, stride_ds,
                   stride_dh, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     pid_bh = tl.program_id(1)
-    batch, head = pid_bh // n_heads, pid_bh % n_heads
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    batch, head = (pid_bh // n_heads).to(tl.int64), pid_bh % n_heads
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs < n_rows
     o = tl.load(O + batch * stride_ob + head * stride_oh + offs[:, None] * stride_os + offs_d[None, :],
                 mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + batch * stride_db + head * stride_dh + offs[:, None] * stride_ds + offs_d[None, :],
                  mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * n_rows + offs, tl.sum(o * do, 1), mask=ok)
+    tl.store(DELTA + pid_bh.to(tl.int64) * n_rows + offs, tl.sum(o * do, 1), mask=ok)
 
 
 @triton.jit
@@ -76,13 +76,13 @@ def _dkdv_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     kv_head = pid_bh % n_kv_heads
-    if VARLEN:
-        batch = 0
-        start = tl.load(cu_seqlens + pid_bh // n_kv_heads)
-        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start
+    if VARLEN:  # int64 whole-tensor offsets, as in the forward
+        batch = tl.zeros([], dtype=tl.int64)
+        start = tl.load(cu_seqlens + pid_bh // n_kv_heads).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start).to(tl.int32)
     else:
-        batch = pid_bh // n_kv_heads
-        start = 0
+        batch = (pid_bh // n_kv_heads).to(tl.int64)
+        start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_n * BLOCK_N >= seqlen:
         return
@@ -102,6 +102,9 @@ def _dkdv_kernel(
     hi = tl.load(q_ptr + pid_n + 1)
     mid_valid = lo + _valid_count(q_idx, lo, mid, n_q_tiles, 64)
     hi_valid = mid + _valid_count(q_idx, mid, hi, n_q_tiles, 64)
+    offs_t = tl.arange(0, BLOCK_M)
+    q_tile = offs_t[None, :] * stride_qs + offs_d[:, None]  # [HEAD_DIM, BLOCK_M]: Q arrives transposed
+    do_tile = offs_t[:, None] * stride_dos + offs_d[None, :]
     for g in range(GROUP):
         head = kv_head * GROUP + g
         q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
@@ -109,15 +112,17 @@ def _dkdv_kernel(
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
         delta_base = DELTA + (batch * n_kv_heads * GROUP + head) * seq_len + start
         for j in range(lo, mid_valid):
-            offs_m = tl.load(q_idx + j) * BLOCK_M + tl.arange(0, BLOCK_M)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[None, :] * stride_qs + offs_d[:, None],
-                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :], lse_base + offs_m,
-                                delta_base + offs_m, offs_m, offs_n, seqlen, qk_scale, False)
+            first = tl.load(q_idx + j) * BLOCK_M
+            row = first.to(tl.int64)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + row * stride_qs + q_tile, do_base + row * stride_dos + do_tile,
+                                lse_base + row + offs_t, delta_base + row + offs_t, first + offs_t, offs_n, seqlen,
+                                qk_scale, False)
         for j in range(mid, hi_valid):
-            offs_m = tl.load(q_idx + j) * BLOCK_M + tl.arange(0, BLOCK_M)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[None, :] * stride_qs + offs_d[:, None],
-                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :], lse_base + offs_m,
-                                delta_base + offs_m, offs_m, offs_n, seqlen, qk_scale, True)
+            first = tl.load(q_idx + j) * BLOCK_M
+            row = first.to(tl.int64)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + row * stride_qs + q_tile, do_base + row * stride_dos + do_tile,
+                                lse_base + row + offs_t, delta_base + row + offs_t, first + offs_t, offs_n, seqlen,
+                                qk_scale, True)
 
     dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs + offs_d[None, :]
@@ -159,13 +164,13 @@ def _dq_kernel(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     head = pid_bh % n_heads
-    if VARLEN:
-        batch = 0
-        start = tl.load(cu_seqlens + pid_bh // n_heads)
-        seqlen = tl.load(cu_seqlens + pid_bh // n_heads + 1) - start
+    if VARLEN:  # int64 whole-tensor offsets, as in the forward
+        batch = tl.zeros([], dtype=tl.int64)
+        start = tl.load(cu_seqlens + pid_bh // n_heads).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + pid_bh // n_heads + 1) - start).to(tl.int32)
     else:
-        batch = pid_bh // n_heads
-        start = 0
+        batch = (pid_bh // n_heads).to(tl.int64)
+        start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_m * BLOCK_M >= seqlen:
         return
@@ -185,15 +190,18 @@ def _dq_kernel(
     lo = tl.load(kv_ptr + pid_m)
     mid = lo + tl.load(kv_full + pid_m)
     hi = tl.load(kv_ptr + pid_m + 1)
+    offs_t = tl.arange(0, BLOCK_N)
+    k_tile = offs_t[None, :] * stride_ks + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K and V arrive transposed
+    v_tile = offs_t[None, :] * stride_vs + offs_d[:, None]
     for j in range(lo, mid):
-        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        dq = _dq_step(dq, q, do, lse, delta, k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
-                      v_base + offs_n[None, :] * stride_vs + offs_d[:, None], offs_m, offs_n, seqlen, qk_scale,
+        first = tl.load(kv_idx + j) * BLOCK_N
+        dq = _dq_step(dq, q, do, lse, delta, k_base + first.to(tl.int64) * stride_ks + k_tile,
+                      v_base + first.to(tl.int64) * stride_vs + v_tile, offs_m, first + offs_t, seqlen, qk_scale,
                       False)
     for j in range(mid, hi):
-        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        dq = _dq_step(dq, q, do, lse, delta, k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
-                      v_base + offs_n[None, :] * stride_vs + offs_d[:, None], offs_m, offs_n, seqlen, qk_scale,
+        first = tl.load(kv_idx + j) * BLOCK_N
+        dq = _dq_step(dq, q, do, lse, delta, k_base + first.to(tl.int64) * stride_ks + k_tile,
+                      v_base + first.to(tl.int64) * stride_vs + v_tile, offs_m, first + offs_t, seqlen, qk_scale,
                       True)
     dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + (start + offs_m)[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -30,7 +30,7 @@ def _decode_kernel(
     pid_q = tl.program_id(0)  # batch * n_chunk + query index in the chunk
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    batch, i = pid_q // n_chunk, pid_q % n_chunk
+    batch, i = (pid_q // n_chunk).to(tl.int64), pid_q % n_chunk
     length = tl.load(seqlens + batch)
     pos = length - n_chunk + i
     qb = pos // PATTERN_BLOCK
@@ -52,12 +52,14 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    offs_t = tl.arange(0, BLOCK_N)
+    k_tile = offs_t[None, :] * stride_ks + offs_d[:, None]
+    v_tile = offs_t[:, None] * stride_vs + offs_d[None, :]
     for item in range(first, last):
-        kb = tl.load(kv_idx + lo + item // subtiles)
-        offs_n = kb * PATTERN_BLOCK + (item % subtiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = offs_n <= pos  # pos < length, so this also keeps reads inside the valid cache
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=ok[:, None], other=0.0)
+        key0 = tl.load(kv_idx + lo + item // subtiles) * PATTERN_BLOCK + (item % subtiles) * BLOCK_N
+        ok = key0 + offs_t <= pos  # pos < length, so this also keeps reads inside the valid cache
+        k = tl.load(k_base + key0.to(tl.int64) * stride_ks + k_tile, mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + key0.to(tl.int64) * stride_vs + v_tile, mask=ok[:, None], other=0.0)
         qk = tl.where(ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -67,7 +69,7 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     # Partials: [batch * chunk, heads, splits, (dim)], un-normalised acc with its base-2 LSE.
-    row = (pid_q * n_kv_heads * GROUP + heads) * n_splits + split
+    row = (pid_q.to(tl.int64) * n_kv_heads * GROUP + heads) * n_splits + split
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=h_ok[:, None])
     tl.store(LP + row, tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)), mask=h_ok)
@@ -76,7 +78,7 @@ def _decode_kernel(
 @triton.jit
 def _combine_kernel(OP, LP, O, n_splits, stride_ob, stride_oc, stride_oh, n_chunk, n_heads,
                     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)  # (batch * chunk) * heads + head
+    pid = tl.program_id(0).to(tl.int64)  # (batch * chunk) * heads + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_s < n_splits

@@ -58,13 +58,14 @@ def _fwd_kernel(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     head = pid_bh % n_heads
+    # Whole-tensor offsets in int64: batch * stride and position * stride pass 2^31 at long context.
     if VARLEN:
-        batch = 0
-        start = tl.load(cu_seqlens + pid_bh // n_heads)
-        seqlen = tl.load(cu_seqlens + pid_bh // n_heads + 1) - start
+        batch = tl.zeros([], dtype=tl.int64)
+        start = tl.load(cu_seqlens + pid_bh // n_heads).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + pid_bh // n_heads + 1) - start).to(tl.int32)
     else:
-        batch = pid_bh // n_heads
-        start = 0
+        batch = (pid_bh // n_heads).to(tl.int64)
+        start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_m * BLOCK_M >= seqlen:
         return
@@ -83,16 +84,21 @@ def _fwd_kernel(
     lo = tl.load(kv_ptr + pid_m)
     mid = lo + tl.load(kv_full + pid_m)
     hi = tl.load(kv_ptr + pid_m + 1)
+    offs_t = tl.arange(0, BLOCK_N)
+    k_tile = offs_t[None, :] * stride_ks + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K arrives transposed
+    v_tile = offs_t[:, None] * stride_vs + offs_d[None, :]
     for j in range(lo, mid):
-        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, False)
+        first = tl.load(kv_idx + j) * BLOCK_N
+        k_ptrs = k_base + first.to(tl.int64) * stride_ks + k_tile
+        v_ptrs = v_base + first.to(tl.int64) * stride_vs + v_tile
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, first + offs_t, seqlen, qk_scale,
+                                     False)
     for j in range(mid, hi):
-        offs_n = tl.load(kv_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, True)
+        first = tl.load(kv_idx + j) * BLOCK_N
+        k_ptrs = k_base + first.to(tl.int64) * stride_ks + k_tile
+        v_ptrs = v_base + first.to(tl.int64) * stride_vs + v_tile
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, first + offs_t, seqlen, qk_scale,
+                                     True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

@@ -1,0 +1,174 @@
+"""Triton kernels against the float64 dense oracle: forward, dq/dk/dv, varlen, decode.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set here before triton is imported)
+at small shapes in fp32/fp16; the `gpu` tests repeat them in bf16 at realistic sizes.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import powerattn  # noqa: E402
+from powerattn.reference import decode_reference, dense_reference  # noqa: E402
+
+pytest.importorskip("triton")
+
+SMALL = {  # block 32 so 16-wide interpreter tiles split each pattern block
+    "power": dict(block_size=32, window=2, sink=1),
+    "sliding_window": dict(block_size=32, window=3, sink=1),
+    "stride_slash": dict(block_size=32, window=2, sink=1, stride=3),
+    "dilated": dict(block_size=32, window=6),
+    "longnet": dict(block_size=32, segment=2, levels=3),
+    "full": dict(block_size=32),
+}
+PAPER = {  # the paper's settings at 256-token blocks, for the GPU
+    "power": dict(window=5, sink=1),
+    "sliding_window": dict(window=9, sink=1),
+    "stride_slash": dict(window=6, sink=1, stride=4),
+    "dilated": dict(window=20),
+    "longnet": dict(segment=2, levels=3),
+    "full": dict(),
+}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN (or a huge int), so an unwritten element shows."""
+    def poison(fn):
+        def wrapped(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+        return wrapped
+
+    monkeypatch.setattr(torch, "empty", poison(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
+
+
+def run_and_compare(pat, b, s, h, hkv, d, dtype, device, cu=None, tol=1e-5, max_seqlen=None):
+    q = torch.randn(b, s, h, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, s, hkv, d, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, s, hkv, d, device=device, dtype=dtype, requires_grad=True)
+    out = powerattn.sparse_attention(q, k, v, pat, cu_seqlens=cu, backend="triton", max_seqlen=max_seqlen)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    if device == "cuda":
+        ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = dense_reference(*ref_in, pat, cu_seqlens=cu)
+    ref.backward(grad.to(ref.dtype))
+    errors = {"out": rel_err(out, ref)}
+    errors.update({f"d{n}": rel_err(t.grad, r.grad) for n, t, r in zip("qkv", (q, k, v), ref_in)})
+    for name, t in [("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)]:
+        assert torch.isfinite(t).all(), f"{name} has unwritten or non-finite elements"
+    assert all(e < tol for e in errors.values()), errors
+    return out, (q.grad, k.grad, v.grad)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_pattern_gqa_4to1_fp32(name, poisoned):
+    # 90 tokens: not a multiple of the 16-token tile nor of the 32-token block.
+    run_and_compare(powerattn.make_pattern(name, **SMALL[name]), 2, 90, 8, 2, 32, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_head_dims_mha_fp16(d, poisoned):
+    run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 1, 75, 2, 2, d, torch.float16, "cpu",
+                    tol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["power", "longnet", "full"])
+def test_varlen_three_odd_documents(name, poisoned):
+    cu = torch.tensor([0, 37, 38, 117], dtype=torch.int32)
+    run_and_compare(powerattn.make_pattern(name, **SMALL[name]), 1, 117, 4, 1, 32, torch.float32, "cpu", cu=cu)
+
+
+def test_varlen_with_given_max_seqlen_and_long_table_bucket(poisoned):
+    # max_seqlen larger than any document: tables cover more tiles than each document has.
+    cu = torch.tensor([0, 20, 61, 90], dtype=torch.int32)
+    run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 1, 90, 2, 1, 16, torch.float32, "cpu",
+                    cu=cu, max_seqlen=200)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_decode_against_reference(name, poisoned):
+    pat = powerattn.make_pattern(name, **SMALL[name])
+    kc = torch.randn(2, 200, 2, 32)
+    vc = torch.randn(2, 200, 2, 32)
+    lengths = torch.tensor([200, 77], dtype=torch.int32)
+    for c in (1, 6):
+        q = torch.randn(2, c, 8, 32)
+        out = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")
+        ref = decode_reference(*(t.double() for t in (q, kc, vc)), pat, lengths)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_compiles_without_graph_breaks():
+    pat = powerattn.make_pattern("power", **SMALL["power"])
+
+    def f(q, k, v):
+        return powerattn.sparse_attention(q, k, v, pat, backend="triton").square().sum()
+
+    q, k, v = (torch.randn(1, 40, 2, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_unsupported_inputs_raise():
+    pat = powerattn.make_pattern("power", **SMALL["power"])
+    q = torch.randn(1, 40, 2, 48)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        powerattn.sparse_attention(q, q, q, pat, backend="triton")
+    odd = powerattn.make_pattern("power", block_size=24)
+    q = torch.randn(1, 40, 2, 16)
+    with pytest.raises(ValueError, match="block_size 24"):
+        powerattn.sparse_attention(q, q, q, odd, backend="triton")
+
+
+# ---- GPU: bf16 at realistic sizes -----------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_bf16_every_pattern(name, d):
+    pat = powerattn.make_pattern(name, block_size=256, **PAPER[name])
+    run_and_compare(pat, 1, 4096 + 77, 16, 4, d, torch.bfloat16, "cuda", tol=1.5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_varlen_mha_and_determinism():
+    pat = powerattn.make_pattern("power", block_size=256)
+    cu = torch.tensor([0, 1000, 1001, 5000], dtype=torch.int32, device="cuda")
+    torch.manual_seed(1)
+    _, grads = run_and_compare(pat, 1, 5000, 8, 8, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
+    torch.manual_seed(1)
+    _, again = run_and_compare(pat, 1, 5000, 8, 8, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
+    for g, a in zip(grads, again):
+        assert torch.equal(g, a), "backward must be deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["power", "full"])
+def test_gpu_decode_bf16(name):
+    pat = powerattn.make_pattern(name, block_size=256, **PAPER[name])
+    kc = torch.randn(2, 20000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lengths = torch.tensor([20000, 9001], dtype=torch.int32, device="cuda")
+    for c in (1, 16):
+        q = torch.randn(2, c, 32, 128, device="cuda", dtype=torch.bfloat16)
+        out = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")
+        ref = decode_reference(q.float(), kc.float(), vc.float(), pat, lengths)
+        assert rel_err(out, ref) < 1e-2
