@@ -1,0 +1,307 @@
+"""HF model folders in and out: config.json + safetensors (single or sharded with an index).
+
+Loading checks every tensor name and shape against the config before reading any weights, then
+fills a meta-device model (no random copy first) or, under ZeRO-3, each rank's own partition.
+Saving writes into a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from powerattn.model.config import CheckpointError, LlamaConfig, load_config
+from powerattn.model.llama import LlamaForCausalLM
+from powerattn.model.zero3 import full_shape, gathered, is_zero3, rank, write_partition, zero3_enabled
+from powerattn.patterns import Pattern, make_pattern
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_NOT_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")  # buffers that old transformers versions saved
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: LlamaConfig) -> torch.dtype:
+    """dtype argument, else config.json's torch_dtype / dtype, else float32."""
+    if dtype is None:
+        dtype = config.hf_extra.get("torch_dtype") or config.hf_extra.get("dtype") or "float32"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index json or the single model.safetensors."""
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+        if absent:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {absent}")
+        return files
+    single = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".safetensors")))
+    hint = f"; found {others} (convert .bin checkpoints to safetensors first)" if others else ""
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path!r}{hint}")
+
+
+def _by_file(files: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for name, file in files.items():
+        grouped[file].append(name)
+    return grouped
+
+
+def _tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers (no tensor data is read)."""
+    shapes = {}
+    for file, names in _by_file(files).items():
+        with safe_open(file, framework="pt") as f:
+            present = set(f.keys())
+            lost = sorted(set(names) - present)
+            if lost:
+                raise CheckpointError(f"{file} lacks tensors its index assigns to it: {_short(lost)}")
+            for name in names:
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _short(items: list, n: int = 20) -> str:
+    return str(items[:n]) + (f" ... and {len(items) - n} more" if len(items) > n else "")
+
+
+def _check_tensors(path: str, model: LlamaForCausalLM, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Names to load; raises CheckpointError listing missing, unexpected and mis-shaped tensors."""
+    expected = {name: tuple(full_shape(p)) for name, p in model.named_parameters()}
+    skippable = {n for n in shapes if _NOT_WEIGHTS.search(n)}
+    if model.config.tie_word_embeddings:
+        skippable.add("lm_head.weight")  # some tied checkpoints store it anyway; the embedding wins
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - skippable)
+    mismatched = [f"{n}: checkpoint {shapes[n]} vs model {expected[n]}"
+                  for n in sorted(set(shapes) & set(expected)) if shapes[n] != expected[n]]
+    if missing or unexpected or mismatched:
+        parts = [f"checkpoint {path!r} does not match its config.json ({model.config.model_type}, "
+                 f"{model.config.num_hidden_layers} layers)"]
+        if missing:
+            parts.append(f"missing tensors: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {_short(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {_short(mismatched)}")
+        raise CheckpointError("; ".join(parts))
+    return [n for n in shapes if n in expected]
+
+
+def _saved_attention(config: LlamaConfig, pattern: Pattern | None, schedule):
+    """Without an explicit pattern, reuse the one a powerattn-saved config.json records."""
+    saved = config.hf_extra.get("powerattn") or {}
+    if pattern is None and saved.get("pattern"):
+        params = dict(saved["pattern"])
+        pattern = make_pattern(params.pop("name"), **params)
+        if schedule is None:
+            schedule = saved.get("full_attention_layers") or None
+    return pattern, schedule
+
+
+def from_pretrained(
+    path: str | os.PathLike, pattern: Pattern | None = None, dtype: torch.dtype | str | None = None,
+    attention_schedule: str | list[int] | None = None, device: torch.device | str | None = None,
+    backend: str = "auto", deepspeed_config: dict | str | None = None, **config_overrides,
+) -> LlamaForCausalLM:
+    """Load an HF LLaMA-family folder into LlamaForCausalLM.
+
+    pattern: sparsity of every layer (None: the pattern recorded by a powerattn save, else full
+    attention); attention_schedule: which layers stay full (see resolve_attention_schedule).
+    dtype: default config.json's torch_dtype. device: where weights land (default CPU).
+    deepspeed_config: a ZeRO-3 config (dict or JSON path) builds the model under
+    deepspeed.zero.Init and each rank reads only its own partition; other stages load normally.
+    config_overrides: LlamaConfig fields such as activation_checkpointing=True, loss_chunk_size=4096.
+    Raises FileNotFoundError (no folder, config.json or weights) and CheckpointError (not
+    LLaMA-family, missing/unexpected tensors, shape mismatches), before reading any weights.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    config = load_config(path, **config_overrides)
+    dtype = _resolve_dtype(dtype, config)
+    pattern, attention_schedule = _saved_attention(config, pattern, attention_schedule)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, pattern, attention_schedule, backend, init_weights=False)
+    names = set(_check_tensors(path, model, _tensor_shapes(files)))
+    if zero3_enabled(deepspeed_config):
+        model = _load_zero3(config, files, names, dtype, deepspeed_config, pattern, attention_schedule,
+                            backend)
+    else:
+        _load_into_meta(model, files, names, dtype, torch.device(device or "cpu"))
+    model.source_dir = path
+    return model
+
+
+def _load_into_meta(model: LlamaForCausalLM, files: dict[str, str], names: set[str], dtype: torch.dtype,
+                    device: torch.device) -> None:
+    for file, file_names in _by_file(files).items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in file_names:
+                if name not in names:
+                    continue
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, attr, nn.Parameter(f.get_tensor(name).to(dtype), requires_grad=True))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # _check_tensors makes this unreachable; kept so a bug cannot leave meta tensors behind
+        raise CheckpointError(f"parameters not loaded: {_short(left)}")
+
+
+def _load_zero3(config, files, names, dtype, ds_config, pattern, schedule, backend) -> LlamaForCausalLM:
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = LlamaForCausalLM(config, pattern, schedule, backend, init_weights=False)
+    params = dict(model.named_parameters())
+    for file, file_names in _by_file(files).items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in file_names:
+                if name in names:
+                    write_partition(params[name], f.get_tensor(name).to(dtype))
+    return model
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} not understood; use bytes or e.g. '5GB', '500MB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return max(1, int(float(m.group(1)) * scale))
+
+
+def _plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of tensors of at most `limit` bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[int]] = []
+    total = limit + 1
+    for i, size in enumerate(sizes):
+        if total + size > limit:
+            shards.append([])
+            total = 0
+        shards[-1].append(i)
+        total += size
+    return shards
+
+
+def _config_json(model: LlamaForCausalLM, dtype_name: str) -> dict:
+    out = model.config.to_hf_dict()
+    out.setdefault("architectures", [ARCHITECTURES[model.config.model_type]])
+    out["torch_dtype"] = dtype_name
+    if "dtype" in out:
+        out["dtype"] = dtype_name
+    pattern = {"name": model.pattern.name, **dataclasses.asdict(model.pattern)}
+    out["powerattn"] = {"pattern": pattern, "full_attention_layers": list(model.full_attention_layers)}
+    return out
+
+
+def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    tokenizer_dir: str | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write config.json, safetensors shards (+ index) and tokenizer files as an HF folder.
+
+    Written to a temporary sibling folder and renamed to out_dir when complete (an existing out_dir
+    is replaced). tokenizer_dir defaults to the folder the model was loaded from. Under ZeRO-3
+    every rank must call this: parameters are gathered one at a time and rank 0 writes.
+    """
+    limit = parse_size(max_shard_size)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    params = list(model.named_parameters())  # a tied lm_head is listed once, as the embedding
+    zero = any(is_zero3(p) for _, p in params)
+    writer = rank() == 0
+    tokenizer_src = tokenizer_dir or model.source_dir
+    if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir!r} does not exist")
+    first_dtype = dtype or params[0][1].dtype
+    sizes = [full_shape(p).numel() * (dtype or p.dtype).itemsize for _, p in params]
+    shards = _plan_shards(sizes, limit)
+    tmp = None
+    if writer:
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
+    try:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            file = WEIGHTS_NAME if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for i in shard:
+                name, p = params[i]
+                with gathered([p]):  # one parameter at a time: never the whole model on a rank
+                    if writer:
+                        tensors[name] = p.detach().to(device="cpu", dtype=dtype or p.dtype).clone()
+            if writer:
+                save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, file))
+                del tensors
+        if writer:
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+                with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                    json.dump(index, f, indent=2)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(_config_json(model, str(first_dtype).removeprefix("torch.")), f, indent=2)
+            for name in TOKENIZER_FILES if tokenizer_src else ():
+                src = os.path.join(tokenizer_src, name)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, name))
+            _replace_dir(tmp, out_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if zero and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move a finished folder into place; an existing dst is swapped out first, then deleted."""
+    if os.path.lexists(dst):
+        old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)

@@ -1,0 +1,77 @@
+"""DeepSpeed ZeRO-3 helpers: detect partitioned parameters, gather a few at a time, write a rank's slice.
+
+DeepSpeed is imported only when a ZeRO-3 parameter is actually present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def is_zero3(param: Tensor) -> bool:
+    """True for a parameter partitioned by deepspeed.zero.Init."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: Tensor) -> torch.Size:
+    """The parameter's logical shape (a ZeRO-3 parameter's own .shape is empty when partitioned)."""
+    return param.ds_shape if is_zero3(param) else param.shape
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def zero3_enabled(ds_config: dict | str | None) -> bool:
+    """Whether a DeepSpeed config (dict or JSON path) asks for ZeRO stage 3."""
+    if ds_config is None:
+        return False
+    if isinstance(ds_config, str):
+        import json
+
+        with open(ds_config) as f:
+            ds_config = json.load(f)
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full parameters inside the block (a no-op for ordinary ones); modifier_rank's edits are kept."""
+    params = [p for p in params if is_zero3(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def write_partition(param: nn.Parameter, full: Tensor) -> None:
+    """Copy this rank's slice of `full` into a ZeRO-3 parameter's local partition, no communication.
+
+    ZeRO-3 flattens a parameter, pads it to a multiple of the partition world size and gives rank r
+    elements [r * n, (r + 1) * n). Offloaded (NVMe) or currently gathered parameters go through
+    GatheredParameters instead.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    part = param.ds_tensor
+    if part.final_location is not None or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        with gathered([param], modifier_rank=0), torch.no_grad():
+            if rank() == 0:
+                param.data.copy_(full.reshape(param.shape))
+        return
+    n = part.ds_numel
+    start = n * param.ds_zero_partition_rank
+    flat = full.reshape(-1)
+    count = max(0, min(n, flat.numel() - start))
+    with torch.no_grad():
+        part[:count].copy_(flat[start:start + count])
+        part[count:].zero_()
