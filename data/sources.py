@@ -82,12 +82,14 @@ def _looks_like_hub_id(path: str) -> bool:
 
 
 def source_name(src: SourceConfig) -> str:
+    """src.name, else the file/folder stem ("web" for /data/web/*.jsonl or /data/web.jsonl)."""
     if src.name:
         return src.name
-    stem = Path(src.path.rstrip("/")).name
-    for ch in "*?[]":
-        stem = stem.replace(ch, "")
-    return stem.split(".")[0] or "source"
+    parts = [p for p in Path(src.path).parts if p != "/"]
+    while parts and (_GLOB_CHARS & set(parts[-1])) and Path(parts[-1]).stem.strip("*?[]") in ("", "**"):
+        parts.pop()  # "*.jsonl", "**": name after the folder instead
+    stem = parts[-1].split(".")[0] if parts else ""
+    return "".join(ch for ch in stem if ch not in "*?[]") or "source"
 
 
 def _cache_key(kind: str, target: Any, src: SourceConfig, field: str, tok: Tokenizer) -> str:
@@ -99,23 +101,37 @@ def _cache_key(kind: str, target: Any, src: SourceConfig, field: str, tok: Token
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_dataset(kind: str, target: Any, src: SourceConfig, cache_dir: Path, streaming: bool):
+def _load_dataset(kind: str, target: Any, src: SourceConfig, hf_cache_dir, streaming: bool, where: str):
     import datasets
 
     if kind == "disk":
         ds = datasets.load_from_disk(str(target))
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
-                raise ValueError(f"{target}: no split {src.split!r}; splits are {sorted(ds)}")
+                raise ValueError(f"{where}: no split {src.split!r}; splits are {sorted(ds)}")
             ds = ds[src.split]
         return ds.to_iterable_dataset() if streaming else ds
-    hf_cache = str(cache_dir / "hf")
+    cache = None if hf_cache_dir is None else str(hf_cache_dir)
     if kind == "hub":
-        return datasets.load_dataset(target, split=src.split, streaming=streaming, cache_dir=hf_cache)
+        try:
+            return datasets.load_dataset(target, split=src.split, streaming=streaming, cache_dir=cache)
+        except Exception as e:  # offline, unknown id, no such split: say what we tried
+            raise FileNotFoundError(
+                f"{where}: not a local file/folder, and loading it as a hub dataset failed: {e}"
+            ) from e
     # Plain .txt files: one document per file (sample_by="document"), as for books.
     extra = {"sample_by": "document"} if kind == "text" else {}
-    return datasets.load_dataset(kind, data_files=target, split="train", streaming=streaming,
-                                 cache_dir=hf_cache, **extra)
+    try:
+        return datasets.load_dataset(kind, data_files=target, split="train", streaming=streaming,
+                                     cache_dir=cache, **extra)
+    except Exception as e:
+        if _all_empty(target):
+            raise ValueError(f"{where}: the dataset is empty (no documents)") from e
+        raise ValueError(f"{where}: datasets could not read the files: {e}") from e
+
+
+def _all_empty(files: list[str]) -> bool:
+    return all(os.path.getsize(f) == 0 for f in files)
 
 
 def _columns(ds) -> list[str]:
@@ -156,10 +172,40 @@ def tokenize_source(
     if TokenStore.is_complete(store_dir):
         log.info("data source %r: tokenised cache hit %s", name, store_dir)
         return [_source(src, name, TokenStore(store_dir))]
+    store = build_store(src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved=(kind, target))
+    return [_source(src, name, store)]
+
+
+def check_source(
+    src: SourceConfig, text_field: str = "text", resolved: tuple[str, Any] | None = None
+) -> None:
+    """Cheap pre-flight: the source exists, reads, is not empty and has its text field (peeks one row)."""
+    name = source_name(src)
+    kind, target = resolved or resolve(src.path, name)
+    if kind in ("store", "prepared"):
+        return
+    where, field = f"data source {name!r} ({src.path})", src.text_field or text_field
+    cols = _columns(_load_dataset(kind, target, src, None, True, where))
+    if not cols:
+        raise ValueError(f"{where}: the dataset is empty (no documents)")
+    if field not in cols:
+        raise ValueError(f"{where}: text field {field!r} not found; columns are {cols}")
+
+
+def build_store(
+    src: SourceConfig, tokenizer: Tokenizer, store_dir: str | os.PathLike, text_field: str = "text",
+    num_proc: int = 1, hf_cache_dir: str | os.PathLike | None = None, resolved: tuple[str, Any] | None = None,
+) -> TokenStore:
+    """Load a raw source with `datasets`, tokenise it ([BOS] text [EOS] per document) into a new store."""
+    name, store_dir = source_name(src), Path(store_dir)
+    kind, target = resolved or resolve(src.path, name)
+    if kind in ("store", "prepared"):
+        raise ValueError(f"data source {name!r}: {src.path!r} is already tokenised ({kind})")
+    field = src.text_field or text_field
     meta = {"name": name, "source": src.path, "text_field": field, "tokenizer": tokenizer.hash,
             "tokenizer_path": tokenizer.path}
     where = f"data source {name!r} ({src.path})"
-    ds = _load_dataset(kind, target, src, cache_dir, src.streaming)
+    ds = _load_dataset(kind, target, src, hf_cache_dir, src.streaming, where)
     cols = _columns(ds)
     if not cols:
         raise ValueError(f"{where}: the dataset is empty (no documents)")
@@ -175,7 +221,7 @@ def tokenize_source(
             raise TypeError(f"{where}: {e}") from None
         store = w.commit()
     log.info("data source %r: %d docs, %d tokens -> %s", name, store.num_docs, store.num_tokens, store_dir)
-    return [_source(src, name, store)]
+    return store
 
 
 def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int | None, num_proc: int,

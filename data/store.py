@@ -22,12 +22,27 @@ FORMAT_VERSION = 1
 META = "meta.json"
 
 
+def _umask_mode(mode: int) -> int:
+    # mkstemp/mkdtemp create private (0600/0700) entries; published files follow the umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def make_tempdir(parent: Path, name: str) -> Path:
+    """A fresh hidden folder next to `parent/name`, for building something to rename into place."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    os.chmod(tmp, _umask_mode(0o777))
+    return tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        os.fchmod(fd, _umask_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -95,7 +110,7 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, vocab_size: int, meta: dict):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        self.tmp = make_tempdir(self.path.parent, self.path.name)
         self.dtype = token_dtype(vocab_size)
         self.meta = {**meta, "format": FORMAT_VERSION, "dtype": self.dtype.name, "vocab_size": vocab_size}
         self._tokens = open(self.tmp / "tokens.bin", "wb")  # noqa: SIM115 - closed in commit/abort
@@ -118,7 +133,8 @@ class StoreWriter:
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         if len(lengths) == 0:
             self.abort()
-            raise ValueError(f"{self.meta.get('source', self.path)}: the dataset is empty (no documents)")
+            where = f"data source {self.meta.get('name')!r} ({self.meta.get('source', self.path)})"
+            raise ValueError(f"{where}: the dataset is empty (no documents)")
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(self.tmp / "doc_offsets.npy", offsets)

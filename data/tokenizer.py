@@ -149,6 +149,12 @@ def train_tokenizer(
             )
             break
         except RuntimeError as e:
+            small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+            if small:
+                raise ValueError(
+                    f"train_tokenizer: vocab_size={vocab_size} is too small; the 256 byte-fallback pieces, "
+                    f"the corpus characters and the special pieces need at least {small.group(2)}"
+                ) from None
             m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
             if not m:
                 raise

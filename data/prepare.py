@@ -1,0 +1,142 @@
+"""`python -m data.prepare`: tokenise corpora offline into token stores, with a per-source report.
+
+    python -m data.prepare --input /data/web/*.jsonl --input books=/data/pg19 \\
+        --tokenizer /models/llama2/tokenizer.model --seq-len 32768 --output /data/prepared
+
+Each --input (optionally NAME=PATH) becomes DIR/NAME/ (tokens.bin, doc_offsets.npy, meta.json);
+DIR/manifest.json lists them with their counts, and DIR/tokenizer.model is a copy of the tokenizer.
+Documents are stored in input order; packing into seq_len rows happens in the loader (with per-epoch
+shuffling), so one prepared folder serves every curriculum stage; the report shows how the corpus
+packs at --seq-len. Everything is written to a temporary sibling folder and renamed into place
+when complete: a DIR with a manifest is never half-written. Use DIR as a `data.sources` path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data.config import SourceConfig
+from data.sources import build_store, check_source, resolve, source_name
+from data.store import FORMAT_VERSION, TokenStore, atomic_write_json, make_tempdir
+from data.tokenizer import Tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--input", action="append", required=True, metavar="[NAME=]PATH_OR_GLOB",
+                   help="file, glob, folder or hub id; repeat for several sources")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model (or a model folder)")
+    p.add_argument("--seq-len", type=int, required=True, help="training row length to report on")
+    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--max-docs", type=int, default=None, help="take at most this many documents per source")
+    p.add_argument("--streaming", action="store_true", help="stream inputs (hub ids) instead of caching them")
+    p.add_argument("--cache-dir", default=None, help="datasets download/Arrow cache (default: HF's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p.parse_args(argv)
+
+
+def _split_input(spec: str) -> SourceConfig:
+    # NAME=PATH names a source; a path that itself contains "=" still works if it exists.
+    name, sep, path = spec.partition("=")
+    if sep and name.isidentifier() and not Path(spec).exists():
+        return SourceConfig(path=path, name=name)
+    return SourceConfig(path=spec)
+
+
+def _report(stores: list[TokenStore], seq_len: int) -> list[dict]:
+    rows = []
+    for st in stores:
+        lens = st.doc_lengths
+        rows.append({
+            "name": st.name, "docs": st.num_docs, "tokens": st.num_tokens,
+            "mean_doc": float(lens.mean()), "max_doc": int(lens.max()),
+            "long_token_share": float(lens[lens >= seq_len].sum() / max(1, st.num_tokens)),
+            "sequences": -(-st.num_tokens // seq_len),
+        })
+    return rows
+
+
+def _print_report(rows: list[dict], seq_len: int) -> None:
+    total = sum(r["tokens"] for r in rows)
+    print(f"\n{'source':<20} {'docs':>10} {'tokens':>14} {'share':>7} {'mean doc':>9} {'max doc':>9} "
+          f"{f'>= {seq_len}':>9} {f'rows@{seq_len}':>11}")
+    for r in rows:
+        print(f"{r['name']:<20} {r['docs']:>10,} {r['tokens']:>14,} {r['tokens'] / total:>7.1%} "
+              f"{r['mean_doc']:>9.0f} {r['max_doc']:>9,} {r['long_token_share']:>9.1%} {r['sequences']:>11,}")
+    print(f"{'total':<20} {sum(r['docs'] for r in rows):>10,} {total:>14,} {'':>7} {'':>9} {'':>9} {'':>9} "
+          f"{sum(r['sequences'] for r in rows):>11,}")
+    print(f"(column '>= {seq_len}': share of tokens in documents at least one row long)")
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Validate everything, tokenise every input, publish the output folder atomically."""
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    tok = Tokenizer.from_pretrained(args.tokenizer)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--output {str(out)!r} exists; pass --overwrite to replace it")
+    srcs = [_split_input(s) for s in args.input]
+    for s in srcs:
+        s.max_docs, s.streaming = args.max_docs, args.streaming
+    names = [source_name(s) for s in srcs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names {names} collide; name them with --input NAME=PATH")
+    # Missing files, unreadable formats and absent text fields fail here, before any tokenisation.
+    resolved = [resolve(s.path, n) for s, n in zip(srcs, names)]
+    for s, r in zip(srcs, resolved):
+        check_source(s, args.text_field, r)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tempdir(out.parent, out.name)
+    try:
+        stores = []
+        for s, n, r in zip(srcs, names, resolved):
+            print(f"[prepare] {n}: {s.path}", flush=True)
+            stores.append(build_store(s, tok, tmp / n, args.text_field, args.num_proc, args.cache_dir, r))
+        rows = _report(stores, args.seq_len)
+        shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        atomic_write_json(tmp / "manifest.json", {
+            "format": FORMAT_VERSION, "seq_len": args.seq_len, "tokenizer": tok.hash,
+            "tokenizer_path": tok.path, "text_field": args.text_field, "created": time.time(),
+            "sources": [{**row, "dir": row["name"], "input": s.path} for row, s in zip(rows, srcs)],
+            "total_tokens": int(np.sum([r["tokens"] for r in rows])),
+        })
+        if out.exists():  # --overwrite: move the old folder aside only once the new one is complete
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _print_report(rows, args.seq_len)
+    print(f"\nwrote {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        prepare(args)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        print(f"data.prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
