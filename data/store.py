@@ -160,3 +160,10 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def write_store(path: str | os.PathLike, docs: list, vocab_size: int, meta: dict | None = None) -> TokenStore:
+    """Publish a store holding `docs` (lists or arrays of ids): small in-memory corpora, tests."""
+    with StoreWriter(path, vocab_size, {"name": Path(path).name, **(meta or {})}) as w:
+        w.add_docs([list(map(int, d)) for d in docs])
+        return w.commit()

@@ -1,0 +1,111 @@
+"""Packing invariants: each token once and in order, boundaries, masked labels, positions, SP slices."""
+
+import numpy as np
+import pytest
+import torch
+
+from data.loader import PackedLoader, Source
+from data.packing import IGNORE_INDEX, collate, iter_packed, row_cu_seqlens, shard_sequence_parallel
+from data.store import write_store
+from powerattn.reference import document_positions
+
+
+def _store(tmp_path, n_docs=120, seed=0, max_len=50, name="s"):
+    # Unique token values (1..T) make loss or duplication of any token visible.
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, max_len, n_docs)
+    ids = np.arange(1, lens.sum() + 1)
+    docs = np.split(ids, np.cumsum(lens)[:-1])
+    return write_store(tmp_path / name, docs, vocab_size=1 << 20)
+
+
+def _check_batch(batch, doc_starts: set, reset=True):
+    ids, labels, pos, cu = batch["input_ids"], batch["labels"], batch["position_ids"], batch["cu_seqlens"]
+    b, s = ids.shape
+    assert ids.dtype == labels.dtype == pos.dtype == torch.int64 and cu.dtype == torch.int32
+    flat = ids.flatten().tolist()
+    cu_l = cu.tolist()
+    # Boundaries: row edges, document starts (and padding), nothing else.
+    expect = {0, b * s} | {r * s for r in range(b)} | {i for i, t in enumerate(flat) if t in doc_starts}
+    pad_start = [i for i in range(b * s) if flat[i] == 0 and (i % s == 0 or flat[i - 1] != 0)]
+    assert set(cu_l) == expect | set(pad_start) and cu_l == sorted(set(cu_l))
+    assert batch["max_seqlen"] == max(np.diff(cu_l))
+    # Labels: aligned with input_ids, -100 exactly at segment starts and on padding.
+    lab = labels.flatten()
+    starts = torch.zeros(b * s, dtype=torch.bool)
+    starts[cu[:-1].long()] = True
+    masked = starts | (ids.flatten() == 0)
+    assert torch.equal(lab[~masked], ids.flatten()[~masked]) and (lab[masked] == IGNORE_INDEX).all()
+    # Positions restart at every segment, exactly as the attention API derives them from cu_seqlens.
+    if reset:
+        _, expect_pos = document_positions(cu, b * s)
+        assert torch.equal(pos.flatten(), expect_pos)
+    else:
+        assert torch.equal(pos, torch.arange(s).expand(b, s))
+
+
+def test_collate_hand_made():
+    rows = [[np.array([5, 6, 7]), np.array([8, 9])], [np.array([1, 2, 3, 4])], [np.array([3])]]
+    b = collate(rows, 5, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0], [3, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 2, 3, 4, -100], [-100] + [-100] * 4]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0], [0, 0, 1, 2, 3]]
+    assert b["cu_seqlens"].tolist() == [0, 3, 5, 9, 10, 11, 15] and b["max_seqlen"] == 4
+    assert [c.tolist() for c in row_cu_seqlens(b)] == [[0, 3, 5], [0, 4, 5], [0, 1, 5]]
+    with pytest.raises(ValueError, match="more than seq_len"):
+        collate([[np.arange(6)]], 5, pad_id=0)
+
+
+def test_iter_packed_full_pass(tmp_path):
+    st = _store(tmp_path)
+    starts = set(st.tokens[st.doc_offsets[:-1]].tolist())
+    seen = []
+    for batch in iter_packed(st, seq_len=37, batch_size=4, pad_id=0):
+        _check_batch(batch, starts)
+        seen += [t for t in batch["input_ids"].flatten().tolist() if t]
+    assert seen == list(range(1, st.num_tokens + 1))  # all, once, in document order
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_loader_full_pass(tmp_path, reset):
+    st = _store(tmp_path)
+    starts = set(st.tokens[st.doc_offsets[:-1]].tolist())
+    loader = PackedLoader([Source("s", st)], seq_len=64, batch_size=3, seed=1, reset_position_ids=reset)
+    order = loader.epoch_order(0, 0)
+    assert sorted(order.tolist()) == list(range(st.num_docs))
+    stream = np.concatenate([st.doc(i) for i in order])
+    seen = []
+    while len(seen) < st.num_tokens + 64 * 3:
+        batch = next(loader)
+        _check_batch(batch, starts, reset)
+        seen += batch["input_ids"].flatten().tolist()
+    assert 0 not in seen  # an endless stream is never padded
+    epoch0 = np.array(seen[: st.num_tokens])
+    assert np.array_equal(epoch0, stream)  # the permuted documents, each whole and in order
+    assert np.array_equal(np.sort(epoch0), np.arange(1, st.num_tokens + 1))
+    assert set(seen[st.num_tokens :]) <= set(range(1, st.num_tokens + 1))  # then epoch 1 begins
+
+
+def test_long_document_split_keeps_order(tmp_path):
+    st = write_store(tmp_path / "long", [np.arange(1, 301), np.arange(301, 311)], vocab_size=1 << 20)
+    loader = PackedLoader([Source("s", st)], seq_len=64, batch_size=1, seed=0)
+    rows = [next(loader) for _ in range(5)]
+    flat = torch.cat([r["input_ids"].flatten() for r in rows]).tolist()
+    i = flat.index(1)
+    assert flat[i : i + 300] == list(range(1, 301))
+    for r in rows:  # every continuation restarts positions at the row start
+        assert r["position_ids"][0, 0] == 0 and r["labels"][0, 0] == IGNORE_INDEX
+
+
+def test_sequence_parallel_shards(tmp_path):
+    st = _store(tmp_path)
+    batch = next(PackedLoader([Source("s", st)], seq_len=64, batch_size=2))
+    shards = [shard_sequence_parallel(batch, r, 4) for r in range(4)]
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(torch.cat([s[key] for s in shards], dim=1), batch[key])
+    shift = torch.cat([s["shift_labels"] for s in shards], dim=1)
+    assert torch.equal(shift[:, :-1], batch["labels"][:, 1:]) and (shift[:, -1] == IGNORE_INDEX).all()
+    assert [s["sp_offset"] for s in shards] == [0, 16, 32, 48]
+    assert all(s["cu_seqlens"] is batch["cu_seqlens"] for s in shards)
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_sequence_parallel(batch, 0, 3)
