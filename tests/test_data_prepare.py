@@ -1,0 +1,91 @@
+"""`python -m data.prepare` end to end on a folder of jsonl files, and the loader on its output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.config import SourceConfig
+from data.filler import Filler
+from data.loader import PackedLoader
+from data.prepare import main
+from data.sources import tokenize_source
+from data.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prep")
+    tok = train_tokenizer([Filler(i).text(20) for i in range(30)], 400, d / "tokenizer.model")
+    texts = {}
+    for name, n in (("web", 40), ("books", 8)):
+        long = name == "books"
+        texts[name] = [Filler(i + 1000 * long).text(5 + (200 if long else i)) for i in range(n)]
+        (d / name).mkdir()
+        for part in range(2):
+            with open(d / name / f"part{part}.jsonl", "w") as f:
+                for t in texts[name][part::2]:
+                    f.write(json.dumps({"text": t, "meta": part}) + "\n")
+    return d, tok, texts
+
+
+def _run(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "data.prepare", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_cli_end_to_end(corpus):
+    d, tok, texts = corpus
+    out = d / "out"
+    r = _run("--input", d / "web", "--input", f"{d / 'books'}/*.jsonl", "--tokenizer", tok.path,
+             "--seq-len", 256, "--output", out, "--num-proc", 2)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = {s["name"]: s["tokens"] for s in manifest["sources"]}
+    want = {n: sum(len(tok.encode_document(t)) for t in ts) for n, ts in texts.items()}
+    assert counts == want and manifest["seq_len"] == 256 and manifest["tokenizer"] == tok.hash
+    for name, n in want.items():  # the per-source token report
+        assert any(line.startswith(name) and f"{n:,}" in line for line in r.stdout.splitlines()), r.stdout
+    assert (out / "tokenizer.model").read_bytes() == Path(tok.path).read_bytes()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+    # The prepared folder is a source: it expands to its stores, no tokenisation, any seq_len.
+    srcs = tokenize_source(SourceConfig(path=str(out)), tok, d / "cache")
+    assert {s.name: s.store.num_tokens for s in srcs} == want
+    assert abs(sum(s.weight for s in srcs) - 1.0) < 1e-9
+    loader = PackedLoader(srcs, seq_len=512, batch_size=2, pad_id=tok.pad_id)
+    total = sum(want.values())
+    seen = torch.cat([next(loader)["input_ids"].flatten() for _ in range(total // 1024 + 1)])
+    assert seen.numel() >= total and int(seen.max()) < tok.vocab_size
+    assert not (d / "cache").exists()
+
+    # Existing output is refused (exit 2) unless --overwrite.
+    r = _run("--input", d / "web", "--tokenizer", tok.path, "--seq-len", 64, "--output", out)
+    assert r.returncode == 2 and "exists" in r.stderr
+    r = _run("--input", d / "web", "--tokenizer", tok.path, "--seq-len", 64, "--output", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [s["name"] for s in json.loads((out / "manifest.json").read_text())["sources"]] == ["web"]
+
+
+def test_prepare_errors_leave_nothing(corpus, capsys):
+    d, tok, _ = corpus
+    cases = [
+        (["--input", d / "missing"], "no file or folder"),
+        (["--input", d / "web", "--text-field", "body"], "text field 'body' not found"),
+        (["--input", d / "web", "--input", d / "web"], "collide"),
+        (["--input", d / "web", "--seq-len", 0], "--seq-len"),
+        (["--input", d / "web", "--tokenizer", d / "nope.model"], "nope.model"),
+    ]
+    for args, msg in cases:
+        full = ["--tokenizer", tok.path, "--seq-len", 64, "--output", d / "bad", *args]
+        assert main([str(a) for a in full]) == 2
+        assert msg in capsys.readouterr().err, args
+        assert not (d / "bad").exists()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
