@@ -4,6 +4,7 @@ synthetic long-context tasks, and a resumable distributed loader.
     from data import DataConfig, build_loader
     loader, tok = build_loader(DataConfig(seq_len=4096), batch_size=1, rank=r, world_size=w, sp_size=sp)
     batch = next(loader)            # input_ids, labels, position_ids [B, S]; cu_seqlens, max_seqlen
+    loss = model(**flatten_batch(batch))   # packed documents as one row, document-masked
     loader.set_seq_len(8192)        # curriculum stage change
     state = loader.state_dict()     # into trainer_state.json; loader.load_state_dict(state) resumes exactly
 
@@ -14,12 +15,19 @@ Offline preparation: `python -m data.prepare --input PATH_OR_GLOB --tokenizer to
 """
 
 from data.build import build_loader, local_rank_zero_first
-from data.config import DataConfig, SourceConfig, SyntheticConfig
+from data.config import DataConfig, SourceConfig, SyntheticConfig, as_data_config
 from data.default import default_corpus, default_tokenizer, load_tokenizer
 from data.loader import PackedLoader, Source
-from data.packing import IGNORE_INDEX, collate, iter_packed, row_cu_seqlens, shard_sequence_parallel
+from data.packing import (
+    IGNORE_INDEX,
+    collate,
+    flatten_batch,
+    iter_packed,
+    row_cu_seqlens,
+    shard_sequence_parallel,
+)
 from data.sources import load_sources, token_counts, tokenize_source
-from data.store import TokenStore
+from data.store import TokenStore, write_store
 from data.synthetic import (
     TASKS,
     Sample,
@@ -45,10 +53,12 @@ __all__ = [
     "TokenPrompt",
     "TokenStore",
     "Tokenizer",
+    "as_data_config",
     "build_loader",
     "collate",
     "default_corpus",
     "default_tokenizer",
+    "flatten_batch",
     "iter_packed",
     "load_sources",
     "load_tokenizer",
@@ -62,4 +72,5 @@ __all__ = [
     "tokenize_source",
     "train_tokenizer",
     "variable_tracking",
+    "write_store",
 ]

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from data.config import DataConfig
+from data.config import DataConfig, as_data_config
 from data.default import load_tokenizer
 from data.loader import PackedLoader
 from data.sources import load_sources
@@ -35,14 +35,17 @@ def local_rank_zero_first(fn: Callable[[], T]) -> T:
 
 
 def build_loader(
-    cfg: DataConfig, batch_size: int = 1, rank: int = 0, world_size: int = 1, sp_size: int = 1,
+    cfg: DataConfig | dict, batch_size: int = 1, rank: int = 0, world_size: int = 1, sp_size: int = 1,
     tokenizer: Tokenizer | None = None,
 ) -> tuple[PackedLoader, Tokenizer]:
     """Tokenise (or open the caches of) cfg's sources and return the loader for this rank and its tokenizer.
 
+    cfg may be a DataConfig, a dict or a Hydra DictConfig of the same fields (unknown keys are errors).
+
     batch_size is per data-parallel rank; ranks of one sequence-parallel group (sp_size consecutive
     ranks) receive identical batches.
     """
+    cfg = as_data_config(cfg)
     tokenizer = tokenizer or local_rank_zero_first(lambda: load_tokenizer(cfg))
     sources = local_rank_zero_first(lambda: load_sources(cfg, tokenizer))
     loader = PackedLoader(

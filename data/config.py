@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 class SourceConfig:
     """One corpus of the mixture.
 
-    `path` is a local file, glob or folder (jsonl/json/parquet/txt/arrow files, a `save_to_disk`
-    folder, or a `python -m data.prepare` output), or a hub dataset id when online. `weight` is the
+    `path` is a local file, glob or folder (jsonl/json/parquet/csv/arrow files; a .txt file is one
+    document; a `save_to_disk` folder; a `python -m data.prepare` output), or a hub dataset id when
+    online (`split` applies to hub ids and saved DatasetDicts). `weight` is the
     source's share of training tokens (weights are normalised over sources). Documents of at least
     `upsample_min_tokens` tokens appear `upsample_factor` times per epoch (fractions are drawn per
-    epoch), the per-source long-document upsampling of Fu et al. / ProLong.
+    epoch), the per-source long-document upsampling of Fu et al. / ProLong. `streaming` tokenises
+    in one process while reading, and skips the Arrow copy `datasets` otherwise makes of local
+    files (worth it for very large corpora); without it, tokenisation runs on `num_proc` processes.
     """
 
     path: str
@@ -59,12 +62,34 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-def source_from_dict(d: dict | SourceConfig) -> SourceConfig:
-    """Accept a plain mapping (from YAML) as well as a SourceConfig; unknown keys are an error."""
-    if isinstance(d, SourceConfig):
+def _from_mapping(cls, d, where: str):
+    if isinstance(d, cls):
         return d
-    known = set(SourceConfig.__dataclass_fields__)
+    if hasattr(d, "_metadata"):  # an OmegaConf DictConfig (Hydra): plain containers first
+        from omegaconf import OmegaConf
+
+        d = OmegaConf.to_container(d, resolve=True)
+    known = set(cls.__dataclass_fields__)
     bad = sorted(set(d) - known)
     if bad:
-        raise ValueError(f"data source: unknown key(s) {bad}; known keys are {sorted(known)}")
-    return SourceConfig(**d)
+        raise ValueError(f"{where}: unknown key(s) {bad}; known keys are {sorted(known)}")
+    return cls(**d)
+
+
+def source_from_dict(d) -> SourceConfig:
+    """A SourceConfig from a mapping (YAML / Hydra) or itself; unknown keys are an error."""
+    return _from_mapping(SourceConfig, d, "data source")
+
+
+def as_data_config(cfg) -> DataConfig:
+    """A DataConfig (nested dataclasses) from a DataConfig, dict or Hydra DictConfig; typos are errors."""
+    if hasattr(cfg, "_metadata"):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, DataConfig):
+        cfg = {k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__}
+    out = _from_mapping(DataConfig, dict(cfg), "data config")
+    out.sources = [source_from_dict(s) for s in out.sources]
+    out.synthetic = _from_mapping(SyntheticConfig, out.synthetic, "data.synthetic")
+    return out

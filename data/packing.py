@@ -10,8 +10,8 @@ Batch format (what the loader yields; all tensors on CPU):
   EOS, which is learned.
 - `position_ids` int64 [B, S]: restart at 0 at every segment when reset_position_ids, else arange(S).
 - `cu_seqlens`   int32 [num_segments + 1]: segment boundaries over the B rows flattened into one
-  sequence of B*S tokens; row edges are always boundaries. So `x.view(1, B * S, ...)` with
-  `cu_seqlens` goes straight into `powerattn.sparse_attention` (which takes batch 1 when packed).
+  sequence of B*S tokens; row edges are always boundaries. So `flatten_batch(batch)` ([1, B*S]) goes
+  straight into `powerattn.sparse_attention` / `model(**batch)`, which take batch 1 when packed.
 - `max_seqlen`   int: the longest segment (spares the Triton backend a device sync).
 A document longer than what is left of a row continues, in order, at the start of the next row
 of the same source; the continuation is a new segment (positions restart, it cannot attend to the
@@ -65,6 +65,14 @@ def collate(
         "cu_seqlens": torch.from_numpy(cu),
         "max_seqlen": int(max(seg_lens)),
     }
+
+
+def flatten_batch(batch: dict) -> dict:
+    """The batch as one packed row [1, B*S] (what sparse_attention and the model take with cu_seqlens)."""
+    out = dict(batch)
+    for key in ("input_ids", "labels", "position_ids"):
+        out[key] = batch[key].reshape(1, -1)
+    return out
 
 
 def row_cu_seqlens(batch: dict) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from data.config import DataConfig, SourceConfig, source_from_dict
+from data.config import DataConfig, SourceConfig, as_data_config
 from data.loader import Source
 from data.store import StoreWriter, TokenStore
 from data.tokenizer import Tokenizer, encode_documents
@@ -93,6 +93,8 @@ def source_name(src: SourceConfig) -> str:
 
 
 def _cache_key(kind: str, target: Any, src: SourceConfig, field: str, tok: Tokenizer) -> str:
+    if kind == "disk":  # a save_to_disk folder: its files identify it
+        target = sorted(str(f) for f in Path(target).rglob("*") if f.is_file())
     if isinstance(target, list):
         ident = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in target]
     else:
@@ -230,6 +232,8 @@ def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int 
         ds = ds.select(range(min(max_docs, len(ds))))
     if len(ds) == 0:
         raise ValueError(f"data source {name!r}: the dataset is empty (no documents)")
+    import datasets
+
     map_dir = store_dir.parent / f".map-{store_dir.name}"
     map_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -238,6 +242,7 @@ def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int 
             num_proc=max(1, min(num_proc, len(ds))) if num_proc > 1 else None,
             fn_kwargs={"field": field, "model_path": tok.path, "add_bos": tok.add_bos},
             cache_file_name=str(map_dir / "tokens.arrow"), new_fingerprint=store_dir.name,
+            features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
             desc=f"tokenising {name}",
         )
         for chunk in out.data.column("input_ids").chunks:
@@ -274,12 +279,14 @@ def _check_tokenizer(store: TokenStore, tok: Tokenizer) -> TokenStore:
 
 
 def _prepared_sources(src: SourceConfig, root: Path, tok: Tokenizer) -> list[Source]:
-    # A prepare output expands to its sources, sharing src.weight in proportion to their tokens.
+    # A prepare output expands to its sources, sharing src.weight in proportion to their tokens;
+    # they are named "NAME/sub" when the source has a name, else by their own names.
     manifest = json.loads((root / "manifest.json").read_text())
     stores = [_check_tokenizer(TokenStore(root / s["dir"]), tok) for s in manifest["sources"]]
     total = sum(s.num_tokens for s in stores)
     return [
-        Source(s.name, s, src.weight * s.num_tokens / total, src.upsample_min_tokens, src.upsample_factor)
+        Source(f"{src.name}/{s.name}" if src.name else s.name, s, src.weight * s.num_tokens / total,
+               src.upsample_min_tokens, src.upsample_factor)
         for s in stores
     ]
 
@@ -290,7 +297,8 @@ def _source(src: SourceConfig, name: str, store: TokenStore) -> Source:
 
 def load_sources(cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
     """All sources of `cfg`, tokenised or opened from cache (the default synthetic corpus when empty)."""
-    specs = [source_from_dict(s) for s in cfg.sources]
+    cfg = as_data_config(cfg)
+    specs = cfg.sources
     if not specs:
         from data.default import default_source_config
 

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from data.loader import PackedLoader, Source
-from data.packing import IGNORE_INDEX, collate, iter_packed, row_cu_seqlens, shard_sequence_parallel
+from data.packing import (
+    IGNORE_INDEX,
+    collate,
+    flatten_batch,
+    iter_packed,
+    row_cu_seqlens,
+    shard_sequence_parallel,
+)
 from data.store import write_store
 from powerattn.reference import document_positions
 
@@ -95,6 +102,19 @@ def test_long_document_split_keeps_order(tmp_path):
     assert flat[i : i + 300] == list(range(1, 301))
     for r in rows:  # every continuation restarts positions at the row start
         assert r["position_ids"][0, 0] == 0 and r["labels"][0, 0] == IGNORE_INDEX
+
+
+def test_flattened_batch_feeds_sparse_attention(tmp_path):
+    import powerattn
+
+    st = _store(tmp_path)
+    batch = flatten_batch(next(PackedLoader([Source("s", st)], seq_len=40, batch_size=3)))
+    assert batch["input_ids"].shape == (1, 120) and batch["cu_seqlens"][-1] == 120
+    q = torch.randn(1, 120, 2, 8)
+    pat = powerattn.make_pattern("power", block_size=4, window=2, sink=1)
+    out = powerattn.sparse_attention(q, q, q, pat, cu_seqlens=batch["cu_seqlens"], backend="torch",
+                                     max_seqlen=batch["max_seqlen"])
+    assert out.shape == q.shape
 
 
 def test_sequence_parallel_shards(tmp_path):

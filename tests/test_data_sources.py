@@ -107,6 +107,20 @@ def test_clear_errors(tok, tmp_path):
     assert not list(c.glob("tokenized/*")) or all(not p.name.startswith(".") for p in c.glob("tokenized/*"))
 
 
+def test_config_from_yaml_and_typos():
+    from omegaconf import OmegaConf
+
+    from data.config import as_data_config
+
+    yaml = "seq_len: 8192\nsources: [{path: /d/web, weight: 2, upsample_min_tokens: 4096}]"
+    cfg = as_data_config(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(yaml)))
+    assert cfg.seq_len == 8192 and isinstance(cfg.sources[0], SourceConfig) and cfg.sources[0].weight == 2
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['seqlen'\]"):
+        as_data_config({"seqlen": 5})
+    with pytest.raises(ValueError, match="data.synthetic: unknown key"):
+        as_data_config({"synthetic": {"num_doc": 5}})
+
+
 def test_embedded_default_end_to_end(tmp_path, monkeypatch):
     cfg = DataConfig(seq_len=128, cache_dir=str(tmp_path / "cache"), synthetic=SyntheticConfig(num_docs=60))
     loader, tok = build_loader(cfg, batch_size=2)
