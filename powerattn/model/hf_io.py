@@ -23,7 +23,15 @@ from torch import nn
 
 from powerattn.model.config import CheckpointError, LlamaConfig, load_config
 from powerattn.model.llama import LlamaForCausalLM
-from powerattn.model.zero3 import full_shape, gathered, is_zero3, rank, write_partition, zero3_enabled
+from powerattn.model.zero3 import (
+    full_shape,
+    gathered,
+    init_context,
+    is_zero3,
+    rank,
+    write_partition,
+    zero3_enabled,
+)
 from powerattn.patterns import Pattern, make_pattern
 
 WEIGHTS_NAME = "model.safetensors"
@@ -187,11 +195,13 @@ def _load_into_meta(model: LlamaForCausalLM, files: dict[str, str], names: set[s
 
 
 def _load_zero3(config, files, names, dtype, ds_config, pattern, schedule, backend) -> LlamaForCausalLM:
-    import deepspeed
-
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with init_context(ds_config, dtype):
         model = LlamaForCausalLM(config, pattern, schedule, backend, init_weights=False)
     params = dict(model.named_parameters())
+    got = {p.dtype for p in params.values()}
+    if got != {dtype}:
+        raise RuntimeError(f"deepspeed.zero.Init created {got} parameters, not {dtype}: make the DeepSpeed "
+                           "config's bf16/fp16 sections agree with the requested dtype")
     for file, file_names in _by_file(files).items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in file_names:

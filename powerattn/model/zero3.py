@@ -28,16 +28,32 @@ def rank() -> int:
     return 0
 
 
-def zero3_enabled(ds_config: dict | str | None) -> bool:
-    """Whether a DeepSpeed config (dict or JSON path) asks for ZeRO stage 3."""
-    if ds_config is None:
-        return False
+def _as_dict(ds_config: dict | str) -> dict:
     if isinstance(ds_config, str):
         import json
 
         with open(ds_config) as f:
-            ds_config = json.load(f)
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
+            return json.load(f)
+    return ds_config
+
+
+def zero3_enabled(ds_config: dict | str | None) -> bool:
+    """Whether a DeepSpeed config (dict or JSON path) asks for ZeRO stage 3."""
+    if ds_config is None:
+        return False
+    return int((_as_dict(ds_config).get("zero_optimization") or {}).get("stage", 0)) == 3
+
+
+def init_context(ds_config: dict | str, dtype: torch.dtype):
+    """deepspeed.zero.Init creating parameters of `dtype`, partitioned as `ds_config` says."""
+    import deepspeed
+
+    cfg = _as_dict(ds_config)
+    implied = torch.bfloat16 if (cfg.get("bf16") or {}).get("enabled") else (
+        torch.float16 if (cfg.get("fp16") or {}).get("enabled") else torch.float32)
+    # Pass dtype only when the config implies another one: deepspeed 0.19 ignores an explicit
+    # dtype on accelerators without fp16 support (CPU) and picks bfloat16.
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None if implied == dtype else dtype)
 
 
 @contextlib.contextmanager
