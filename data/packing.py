@@ -14,8 +14,8 @@ Batch format (what the loader yields; all tensors on CPU):
   straight into `powerattn.sparse_attention` / `model(**batch)`, which take batch 1 when packed.
 - `max_seqlen`   int: the longest segment (spares the Triton backend a device sync).
 A document longer than what is left of a row continues, in order, at the start of the next row
-of the same source; the continuation is a new segment (positions restart, it cannot attend to the
-part in the previous row).
+drawn from the same source (possibly a later step or another rank); the continuation is a new
+segment (positions restart; it cannot attend to the part in the earlier row).
 """
 
 from __future__ import annotations
