@@ -132,3 +132,17 @@ def test_bad_arguments(stores):
         Source("a", stores[0], weight=0)
     with pytest.raises(ValueError, match="seq_len"):
         PackedLoader(_sources(stores), 0)
+
+
+def test_resume_on_another_world_size(stores):
+    single = PackedLoader(_sources(stores), 32, 4, seed=5)
+    ranks = [PackedLoader(_sources(stores), 32, 1, seed=5, rank=r, world_size=4) for r in range(4)]
+    for _ in range(6):
+        assert torch.equal(torch.cat([next(ld)["input_ids"] for ld in ranks]), next(single)["input_ids"])
+    state = ranks[0].state_dict()
+    resumed = [PackedLoader(_sources(stores), 8, 1, seed=5, rank=r, world_size=2) for r in range(2)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+        ld.set_seq_len(32, batch_size=2)  # same global batch of 4 rows, now on 2 ranks
+    for _ in range(6):
+        assert torch.equal(torch.cat([next(ld)["input_ids"] for ld in resumed]), next(single)["input_ids"])
