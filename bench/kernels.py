@@ -87,23 +87,61 @@ def bench_length(pat, s, heads, kv_heads, d, dtype, device, smoke, dense_max, fl
     return row
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph, as a generation loop would run it (launch overhead removed)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench_decode(pat, cache_len, heads, kv_heads, d, dtype, device) -> dict:
     """One new token against a cache_len KV cache: triton decode vs dense SDPA over the whole cache."""
     kc = torch.randn(1, cache_len, kv_heads, d, device=device, dtype=dtype)
     vc = torch.randn_like(kc)
     q = torch.randn(1, 1, heads, d, device=device, dtype=dtype)
     lengths = torch.tensor([cache_len], device=device, dtype=torch.int32)
-    sparse = median_ms(lambda: powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton"), False)
+    sparse = lambda: powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")  # noqa: E731
     qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    dense = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)  # noqa: E731
+    how = "sdpa enable_gqa"
     try:
-        dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), False)
-        how = "sdpa enable_gqa"
+        dense()
     except (RuntimeError, TypeError):
         ke, ve = (t.repeat_interleave(heads // kv_heads, 1) for t in (kt, vt))
-        dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, ke, ve), False)
+        dense = lambda: torch.nn.functional.scaled_dot_product_attention(qt, ke, ve)  # noqa: E731
         how = "sdpa, kv heads expanded"
-    return {"cache_len": cache_len, "triton_ms": sparse, "dense_ms": dense, "dense_impl": how,
-            "speedup": dense / sparse}
+    ref = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="torch")
+    err = ((sparse().float() - ref.float()).norm() / ref.float().norm()).item()
+    row = {"cache_len": cache_len, "dense_impl": how, "rel_err_vs_torch_backend": err}
+    for mode, wrap in (("eager", lambda f: f), ("cuda_graph", graphed)):
+        row[mode] = {"triton_ms": median_ms(wrap(sparse), False), "dense_ms": median_ms(wrap(dense), False)}
+        row[mode]["speedup"] = row[mode]["dense_ms"] / row[mode]["triton_ms"]
+    return row
+
+
+def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
+    """Milliseconds of each backward kernel (delta, dK/dV, dQ) with the tuned configs."""
+    from powerattn.kernels import _forward, device_tables
+    from powerattn.kernels.backward import launch_delta, launch_dkdv, launch_dq
+    from powerattn.kernels.tuning import pick_config
+
+    make = lambda h: torch.randn(1, s, h, d, device="cuda", dtype=dtype)  # noqa: E731
+    q, k, v, do = make(heads), make(kv_heads), make(kv_heads), make(heads)
+    scale = d**-0.5
+    o, lse = _forward(q, k, v, None, s, scale, pat)
+    delta = launch_delta(o, do)
+    times = {"delta": median_ms(lambda: launch_delta(o, do), False)}
+    for kind, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
+        def run(c, launch=launch):
+            t = device_tables(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device)
+            return launch(q, k, v, do, lse, delta, t, None, s, scale, c)
+        cfg = pick_config(kind, q, k, pat, s, run)
+        times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
+        times[f"{kind}_config"] = cfg
+    return times
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -145,9 +183,16 @@ def table(rows: list[dict], decode: list[dict]) -> str:
         if "dense" in r:
             line += f" | {r['dense']['fwd_bwd']:8.1f} | {r['dense']['fwd_bwd'] / t['fwd_bwd']:5.1f}"
         lines.append(line)
+    for r in rows:
+        if "breakdown" in r:
+            b = r["breakdown"]
+            lines.append(f"{r['seq_len'] // 1024:>5}K backward: delta {b['delta']:.2f} ms, dK/dV {b['dkdv']:.2f} ms "
+                         f"{b['dkdv_config']}, dQ {b['dq']:.2f} ms {b['dq_config']}")
     for dcd in decode:
-        lines.append(f"decode 1 token vs {dcd['cache_len'] // 1024}K cache: triton {1e3 * dcd['triton_ms']:.1f} us, "
-                     f"dense {1e3 * dcd['dense_ms']:.1f} us ({dcd['dense_impl']}): {dcd['speedup']:.1f}x")
+        for mode in ("eager", "cuda_graph"):
+            m = dcd[mode]
+            lines.append(f"decode 1 token vs {dcd['cache_len'] // 1024}K cache ({mode}): triton "
+                         f"{1e3 * m['triton_ms']:.1f} us, dense {1e3 * m['dense_ms']:.1f} us: {m['speedup']:.1f}x")
     return "\n".join(lines)
 
 
@@ -164,6 +209,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--decode-cache", type=int, nargs="*", default=[131072])
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--breakdown", action="store_true", help="also time each backward kernel")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the torch backend")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
@@ -181,6 +227,8 @@ def main(argv=None) -> None:
         for s in args.seq_lens:
             rows.append(bench_length(pat, s, args.heads, args.kv_heads, d, dtype, device, args.smoke,
                                      args.dense_max, not args.no_flex))
+            if args.breakdown and not args.smoke:
+                rows[-1]["breakdown"] = backward_breakdown(pat, s, args.heads, args.kv_heads, d, dtype)
             print(json.dumps(rows[-1]), flush=True)
     decode = [bench_decode(pat, n, args.heads, args.kv_heads, args.head_dims[0], dtype, device)
               for n in args.decode_cache]

@@ -24,8 +24,8 @@ def inputs(b, s, h, hkv, d, dtype, device="cpu"):
     return [torch.randn(b, s, n, d, dtype=dtype, device=device) for n in (h, hkv, hkv)]
 
 
-def check(backend, name, b, s, h, hkv, d, dtype, cu=None, grads=True, tol=1e-10, device="cpu"):
-    pat = powerattn.make_pattern(name, **PATTERNS[name])
+def check(backend, name, b, s, h, hkv, d, dtype, cu=None, grads=True, tol=1e-10, device="cpu", params=None):
+    pat = powerattn.make_pattern(name, **(params or PATTERNS[name]))
     q, k, v = (t.requires_grad_(grads) for t in inputs(b, s, h, hkv, d, dtype, device))
     out = powerattn.sparse_attention(q, k, v, pat, cu_seqlens=cu, backend=backend)
     ref_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
@@ -67,9 +67,11 @@ def test_flex_backend_forward_cpu(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_flex_backend_gpu_with_gradients(name):
-    check("flex", name, 1, 1000, 8, 2, 64, torch.float32, tol=2e-3, device="cuda")
-    cu = torch.tensor([0, 300, 301, 1000], dtype=torch.int32, device="cuda")
-    check("flex", name, 1, 1000, 8, 2, 64, torch.float32, cu=cu, tol=2e-3, device="cuda")
+    # FlexAttention's GPU kernels need blocks that its own tiles (up to 128) divide.
+    params = {**PATTERNS[name], "block_size": 128}
+    check("flex", name, 1, 2000, 8, 2, 64, torch.float32, tol=2e-3, device="cuda", params=params)
+    cu = torch.tensor([0, 600, 601, 2000], dtype=torch.int32, device="cuda")
+    check("flex", name, 1, 2000, 8, 2, 64, torch.float32, cu=cu, tol=2e-3, device="cuda", params=params)
 
 
 def test_default_scale_and_explicit_scale():

@@ -161,15 +161,17 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    # Same program order as the forward: a GQA group's heads adjacent, longest rows first.
+    pid_m = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
     pid_bh = tl.program_id(1)
-    head = pid_bh % n_heads
+    n_kv_heads = n_heads // GROUP
+    head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
     if VARLEN:  # int64 whole-tensor offsets, as in the forward
         batch = tl.zeros([], dtype=tl.int64)
-        start = tl.load(cu_seqlens + pid_bh // n_heads).to(tl.int64)
-        seqlen = (tl.load(cu_seqlens + pid_bh // n_heads + 1) - start).to(tl.int32)
+        start = tl.load(cu_seqlens + pid_bh // n_kv_heads).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start).to(tl.int32)
     else:
-        batch = (pid_bh // n_heads).to(tl.int64)
+        batch = (pid_bh // n_kv_heads).to(tl.int64)
         start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_m * BLOCK_M >= seqlen:
@@ -248,7 +250,8 @@ def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seql
     b, s, h, d = q.shape
     dq = torch.empty_like(q)
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_seq * h)
+    group = h // k.shape[2]
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * group, n_seq * k.shape[2])
     _dq_kernel[grid](
         q, k, v, do, lse, delta, dq, tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
         s, h, scale * 1.4426950408889634, scale,

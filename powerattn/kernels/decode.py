@@ -92,6 +92,11 @@ def _combine_kernel(OP, LP, O, n_splits, stride_ob, stride_oc, stride_oh, n_chun
     tl.store(O + batch * stride_ob + i * stride_oc + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 @functools.lru_cache(maxsize=64)
 def _max_row_blocks(pattern: Pattern, table_len: int) -> int:
     ptr = pattern.tables(table_len).kv_ptr
@@ -111,7 +116,7 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     tables = device_tables(pattern, max_len, bs, bs, q.device)
     block_n = min(16 if interpreting() else 64, bs & -bs)
     items = _max_row_blocks(pattern, _table_length(max_len, bs)) * (bs // block_n)
-    sms = 4 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = 4 if interpreting() else _sm_count(q.device.index or 0)
     splits = max(1, min(items, triton.cdiv(2 * sms, b * c * hkv), 128))
     o_part = torch.empty((b * c * h * splits, d), device=q.device, dtype=torch.float32)
     l_part = torch.empty((b * c * h * splits,), device=q.device, dtype=torch.float32)

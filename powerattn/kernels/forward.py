@@ -54,17 +54,20 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    # Longest rows first: query tiles are handed out from the end of the sequence.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    head = pid_bh % n_heads
+    # Axis 0 runs over (query tile, head of the GQA group) with the group's heads adjacent, so the
+    # programs sharing a K/V tile run together and it comes from L2 once per group; query tiles
+    # are handed out from the end of the sequence, longest rows first.
+    pid_m = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
+    pid_bh = tl.program_id(1)  # sequence * n_kv_heads + kv head
+    n_kv_heads = n_heads // GROUP
+    head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
     # Whole-tensor offsets in int64: batch * stride and position * stride pass 2^31 at long context.
     if VARLEN:
         batch = tl.zeros([], dtype=tl.int64)
-        start = tl.load(cu_seqlens + pid_bh // n_heads).to(tl.int64)
-        seqlen = (tl.load(cu_seqlens + pid_bh // n_heads + 1) - start).to(tl.int32)
+        start = tl.load(cu_seqlens + pid_bh // n_kv_heads).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start).to(tl.int32)
     else:
-        batch = (pid_bh // n_heads).to(tl.int64)
+        batch = (pid_bh // n_kv_heads).to(tl.int64)
         start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_m * BLOCK_M >= seqlen:
@@ -117,7 +120,8 @@ def launch_forward(
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s), device=q.device, dtype=torch.float32)
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_seq * h)
+    group = h // k.shape[2]
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * group, n_seq * k.shape[2])
     _fwd_kernel[grid](
         q, k, v, o, lse, tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
         s, h, scale * 1.4426950408889634,
@@ -126,6 +130,6 @@ def launch_forward(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=h // k.shape[2], HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
+        GROUP=group, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
     )
     return o, lse

@@ -129,8 +129,27 @@ class RotaryEmbedding(nn.Module):
         return cos[position_ids], sin[position_ids]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [b, s, heads, head_dim] in float32 by cos/sin [b, s, head_dim // 2] (rotate-half layout)."""
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class _Rope(torch.autograd.Function):
+    """Rotation in float32 that saves only cos/sin: backward rotates the gradient by the opposite angle,
+    so no float32 copy of q or k is kept for backward (that copy is 2x q's bf16 size per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [b, s, heads, head_dim] in float32 by cos/sin [b, s, head_dim // 2] (rotate-half layout)."""
+    return _Rope.apply(x, cos, sin)
