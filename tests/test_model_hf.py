@@ -65,6 +65,23 @@ def test_hf_checkpoint_loads_with_equal_logits(tmp_path, kind, overrides):
     torch.testing.assert_close(our_logits(ours, ids), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_loss_and_gradients_match_hf(tmp_path, kind):
+    ref = hf_model(kind, tie_word_embeddings=(kind == "qwen2"))
+    ours = from_pretrained(save_hf(ref, tmp_path / "hf"), loss_chunk_size=16)
+    ids = torch.randint(0, V, (2, 45))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    ref_loss = ref(ids, labels=labels).loss
+    loss = ours(ids, labels=labels)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    ref_loss.backward()
+    loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 ROPE_CASES = {
     "theta": dict(rope_theta=500.0),
     "linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
