@@ -30,9 +30,10 @@ def _free_port() -> int:
 def test_zero3_load_train_save(tmp_path):
     pytest.importorskip("deepspeed")
     transformers = pytest.importorskip("transformers")
+    # Odd sizes: partitions split rows mid-way and the odd-length MLP biases need padding.
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=97, hidden_size=64, intermediate_size=95, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, mlp_bias=True,
     )
     hf = transformers.LlamaForCausalLM(cfg).float()
     with torch.no_grad():
@@ -59,7 +60,7 @@ def _worker(root: str) -> None:
     src, out = os.path.join(root, "hf"), os.path.join(root, "saved")
     pat = powerattn.make_pattern("power", block_size=16, window=2)
     torch.manual_seed(0)
-    ids = torch.randint(0, 96, (1, 70))
+    ids = torch.randint(0, 97, (1, 70))
 
     ref = from_pretrained(src, pattern=pat, activation_checkpointing=True)
     ref.train()

@@ -28,7 +28,9 @@ from powerattn.model.zero3 import (
     gathered,
     init_context,
     is_zero3,
+    local_range,
     rank,
+    write_gathered,
     write_partition,
     zero3_enabled,
 )
@@ -205,9 +207,25 @@ def _load_zero3(config, files, names, dtype, ds_config, pattern, schedule, backe
     for file, file_names in _by_file(files).items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in file_names:
-                if name in names:
-                    write_partition(params[name], f.get_tensor(name).to(dtype))
+                if name not in names:
+                    continue
+                param, span = params[name], local_range(params[name])
+                if span is None:
+                    write_gathered(param, f.get_tensor(name).to(dtype))
+                else:
+                    write_partition(param, _read_flat(f.get_slice(name), param.ds_shape, *span).to(dtype))
     return model
+
+
+def _read_flat(tensor_slice, shape: torch.Size, start: int, count: int) -> torch.Tensor:
+    """Flattened elements [start, start + count) of a safetensors tensor, reading only the rows they span."""
+    if count == 0:
+        return torch.empty(0)
+    if len(shape) < 2:
+        return tensor_slice[start:start + count]
+    row = shape[1:].numel()
+    first, last = start // row, -(-(start + count) // row)
+    return tensor_slice[first:last].reshape(-1)[start - first * row:start - first * row + count]
 
 
 def parse_size(size: int | str) -> int:

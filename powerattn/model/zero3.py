@@ -69,25 +69,33 @@ def gathered(params: Sequence[nn.Parameter], modifier_rank: int | None = None) -
         yield
 
 
-def write_partition(param: nn.Parameter, full: Tensor) -> None:
-    """Copy this rank's slice of `full` into a ZeRO-3 parameter's local partition, no communication.
+def local_range(param: nn.Parameter) -> tuple[int, int] | None:
+    """(start, count) of the flattened elements this rank's partition holds, or None when the
+    parameter must be written through a gather (offloaded to NVMe, or currently gathered).
 
     ZeRO-3 flattens a parameter, pads it to a multiple of the partition world size and gives rank r
-    elements [r * n, (r + 1) * n). Offloaded (NVMe) or currently gathered parameters go through
-    GatheredParameters instead.
+    elements [r * n, (r + 1) * n); the padding is never read.
     """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     part = param.ds_tensor
     if part.final_location is not None or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-        with gathered([param], modifier_rank=0), torch.no_grad():
-            if rank() == 0:
-                param.data.copy_(full.reshape(param.shape))
-        return
+        return None
     n = part.ds_numel
     start = n * param.ds_zero_partition_rank
-    flat = full.reshape(-1)
-    count = max(0, min(n, flat.numel() - start))
+    return start, max(0, min(n, param.ds_numel - start))
+
+
+def write_partition(param: nn.Parameter, values: Tensor) -> None:
+    """Fill this rank's partition with `values`: its local_range elements, no communication."""
+    part = param.ds_tensor
     with torch.no_grad():
-        part[:count].copy_(flat[start:start + count])
-        part[count:].zero_()
+        part[:values.numel()].copy_(values.reshape(-1))
+        part[values.numel():].zero_()
+
+
+def write_gathered(param: nn.Parameter, full: Tensor) -> None:
+    """Set a ZeRO-3 parameter from the full tensor through GatheredParameters (rank 0's copy wins)."""
+    with gathered([param], modifier_rank=0), torch.no_grad():
+        if rank() == 0:
+            param.data.copy_(full.reshape(param.shape))
