@@ -133,65 +133,71 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
     def _prepare(self, input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache) -> tuple[Batch, list[int]]:
-        """Resolve documents, positions and the cache state into a Batch (host syncs only where noted)."""
+        """Resolve documents, positions and cache state into a Batch; also the tokens each cache row gains."""
         b, s = input_ids.shape
         device = input_ids.device
-        cu_list = None
-        max_position = None  # exclusive bound on position ids, when known on the host
-        if cu_seqlens is not None:
-            if b != 1:
-                raise ValueError(f"cu_seqlens marks packed documents and needs batch 1, got batch {b}")
-            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-                raise ValueError(f"cu_seqlens must be an integer tensor [num_docs + 1], got "
-                                 f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-            if cu_seqlens.device.type == "cpu":
-                cu_list = cu_seqlens.tolist()
-                if cu_list[0] != 0 or cu_list[-1] != s or any(x > y for x, y in zip(cu_list, cu_list[1:])):
-                    raise ValueError(f"cu_seqlens must ascend from 0 to seqlen={s}, got {cu_list}")
-                max_seqlen = max_seqlen or max(y - x for x, y in zip(cu_list, cu_list[1:]))
-            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
-            if position_ids is None:
-                position_ids = document_positions(cu_seqlens, s)[1][None]
-                max_position = max_seqlen or s
-        elif position_ids is not None:
-            if kv_cache is not None:
-                raise ValueError("position_ids come from the KV cache when decoding; do not pass them")
-            position_ids = position_ids.to(device).expand(b, s)
-            restart = position_ids[:, 1:] != position_ids[:, :-1] + 1
-            if bool(restart.any()):  # one sync: pass cu_seqlens to avoid it
-                if b != 1:
-                    raise ValueError("position_ids restart inside a row (packed documents): use batch 1")
-                starts = (torch.nonzero(restart[0]).flatten() + 1).tolist()
-                cu_list = [0, *starts, s]
-                cu_seqlens = torch.tensor(cu_list, dtype=torch.int32, device=device)
-                max_seqlen = max(y - x for x, y in zip(cu_list, cu_list[1:]))
-        else:
-            max_position = s
-        if position_ids is not None and max_position is None:
-            max_position = int(position_ids.max()) + 1
+        if position_ids is not None and kv_cache is not None:
+            raise ValueError("position_ids come from the KV cache when decoding; do not pass them")
+        docs = _documents(b, s, device, position_ids, cu_seqlens, max_seqlen)
+        position_ids, cu_seqlens, cu_list, max_seqlen, max_position = docs
         rope_len = max_position  # the length dynamic NTK scales for
-        cache_seqlens = None
-        if kv_cache is None:
-            new_tokens = []
-        elif cu_list is not None:
-            if not kv_cache.empty or len(cu_list) - 1 != len(kv_cache.lengths):
-                raise ValueError("packed prefill needs an empty KV cache with one row per document")
-            new_tokens = [y - x for x, y in zip(cu_list, cu_list[1:])]
-        elif cu_seqlens is not None:
-            raise ValueError("prefill of packed documents into a KV cache needs cu_seqlens on the CPU")
-        else:
-            if b != len(kv_cache.lengths):
-                raise ValueError(f"input batch {b} does not match KV cache batch {len(kv_cache.lengths)}")
-            position_ids = kv_cache.positions(s, device)
-            new_tokens = [s] * b
-            if not kv_cache.empty:
-                cache_seqlens = kv_cache.seqlens_after(s, device)
+        cache_seqlens, new_tokens = None, []
         if kv_cache is not None:
+            if cu_seqlens is not None:  # ragged prompts packed into one row, one cache row per document
+                if cu_list is None or not kv_cache.empty or len(cu_list) - 1 != len(kv_cache.lengths):
+                    raise ValueError("packed prefill needs cu_seqlens on the CPU and an empty KV cache "
+                                     "with one row per document")
+                new_tokens = [y - x for x, y in zip(cu_list, cu_list[1:])]
+            else:
+                if b != len(kv_cache.lengths):
+                    raise ValueError(f"input batch {b} does not match KV cache batch {len(kv_cache.lengths)}")
+                position_ids = kv_cache.positions(s, device)
+                new_tokens = [s] * b
+                if not kv_cache.empty:
+                    cache_seqlens = kv_cache.seqlens_after(s, device)
             kv_cache.check_room(new_tokens)
             # The whole generation shares one dynamic-NTK base, so cached keys stay consistent.
             max_position = rope_len = kv_cache.max_len
         cos, sin = self.rotary(position_ids, s, device, max_position, seq_len=rope_len)
         return Batch(cos, sin, cu_seqlens, cu_list, max_seqlen, kv_cache, cache_seqlens), new_tokens
+
+
+def _documents(b: int, s: int, device: torch.device, position_ids: Tensor | None, cu_seqlens: Tensor | None,
+               max_seqlen: int | None):
+    """Documents and positions: (position_ids, cu_seqlens, cu_list, max_seqlen, max_position).
+
+    cu_seqlens (batch 1) gives documents and, by default, positions restarting in each. Without it,
+    position_ids that restart (do not continue by +1) mark documents: that costs one host sync.
+    max_position bounds the position ids (exclusive); cu_list is cu_seqlens on the host when known.
+    """
+    cu_list = None
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"cu_seqlens marks packed documents and needs batch 1, got batch {b}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be an integer tensor [num_docs + 1], got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device.type == "cpu":
+            cu_list = cu_seqlens.tolist()
+            if cu_list[0] != 0 or cu_list[-1] != s or any(x > y for x, y in zip(cu_list, cu_list[1:])):
+                raise ValueError(f"cu_seqlens must ascend from 0 to seqlen={s}, got {cu_list}")
+            max_seqlen = max_seqlen or max(y - x for x, y in zip(cu_list, cu_list[1:]))
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+        if position_ids is None:
+            positions = document_positions(cu_seqlens, s)[1][None]
+            return positions, cu_seqlens, cu_list, max_seqlen, max_seqlen or s
+    elif position_ids is not None:
+        position_ids = position_ids.to(device).expand(b, s)
+        restart = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        if bool(restart.any()):
+            if b != 1:
+                raise ValueError("position_ids restart inside a row (packed documents): use batch 1")
+            cu_list = [0, *(torch.nonzero(restart[0]).flatten() + 1).tolist(), s]
+            cu_seqlens = torch.tensor(cu_list, dtype=torch.int32, device=device)
+            max_seqlen = max(y - x for x, y in zip(cu_list, cu_list[1:]))
+    if position_ids is None:
+        return None, None, None, max_seqlen, s
+    return position_ids, cu_seqlens, cu_list, max_seqlen, int(position_ids.max()) + 1
 
 
 class LMHead(nn.Module):
