@@ -147,6 +147,19 @@ def test_our_save_loads_in_hf_and_round_trips_sharded(tmp_path, kind):
         torch.testing.assert_close(our_logits(again, ids), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_model_built_from_scratch_saves_hf_loadable(tmp_path, model_type):
+    from powerattn.model import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(model_type=model_type, tie_word_embeddings=True, initializer_range=0.2, **TINY)
+    ours = LlamaForCausalLM(cfg)
+    ours.save_pretrained(tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(back).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    ids = torch.randint(0, V, (2, 30))
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(back, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_save_in_bfloat16_and_load_dtype(tmp_path):
     ours = from_pretrained(save_hf(hf_model("llama"), tmp_path / "hf"), dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
