@@ -68,6 +68,14 @@ def test_attention_schedule():
     assert all(p.block_size == 16 for p in model.layer_patterns)
 
 
+def test_hydra_containers_are_accepted():
+    omegaconf = pytest.importorskip("omegaconf")
+    c = omegaconf.OmegaConf.create({"layers": [1, 3], "rope": {"rope_type": "linear", "factor": 2.0}})
+    assert resolve_attention_schedule(c.layers, 4) == (1, 3)
+    cfg = tiny(num_hidden_layers=4, activation_checkpointing=c.layers, rope_scaling=c.rope)
+    assert cfg.checkpointed_layers() == {1, 3} and cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
 def test_chunked_loss_equals_plain_loss_and_gradients():
     model = LlamaForCausalLM(tiny(loss_chunk_size=7), sparse_power())
     plain = copy.deepcopy(model)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,13 +159,17 @@ class LlamaConfig:
 def _check_layer_list(name: str, value, num_layers: int):
     if isinstance(value, bool):
         return value
-    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                         for i in value):
+    if not _is_sequence(value) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         raise CheckpointError(f"config: {name} must be a bool or a list of layer indices, got {value!r}")
     bad = [i for i in value if not 0 <= i < num_layers]
     if bad:
         raise CheckpointError(f"config: {name} has layer indices {bad} outside [0, {num_layers})")
     return sorted(set(value))
+
+
+def _is_sequence(value) -> bool:
+    """A list-like of items (Hydra's ListConfig included), not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -191,7 +196,7 @@ def normalize_rope_scaling(
     """
     if scaling is None:
         return None
-    if not isinstance(scaling, dict):
+    if not isinstance(scaling, Mapping):
         raise CheckpointError(f"config: rope_scaling must be a dict or None, got {scaling!r}")
     scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
@@ -301,7 +306,7 @@ def resolve_attention_schedule(
         f, p = int(f), int(p)
         offsets = [(j + 1) * p // f - 1 for j in range(f)]
         return tuple(g + o for g in range(0, num_layers, p) for o in offsets if g + o < num_layers)
-    layers = list(spec) if isinstance(spec, (list, tuple)) else None
+    layers = list(spec) if _is_sequence(spec) else None
     if layers is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise ValueError(f"attention_schedule must be None, a string or a list of layer indices: {spec!r}")
     bad = [i for i in layers if not 0 <= i < num_layers]

@@ -155,7 +155,8 @@ def from_pretrained(
     attention); attention_schedule: which layers stay full (see resolve_attention_schedule).
     dtype: default config.json's torch_dtype. device: where weights land (default CPU).
     deepspeed_config: a ZeRO-3 config (dict or JSON path) builds the model under
-    deepspeed.zero.Init and each rank reads only its own partition; other stages load normally.
+    deepspeed.zero.Init and each rank reads only its own partition (placed where the config says;
+    `device` is ignored); other stages load normally. Every rank must call it then.
     config_overrides: LlamaConfig fields such as activation_checkpointing=True, loss_chunk_size=4096.
     Raises FileNotFoundError (no folder, config.json or weights) and CheckpointError (not
     LLaMA-family, missing/unexpected tensors, shape mismatches), before reading any weights.

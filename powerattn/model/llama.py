@@ -278,7 +278,9 @@ class LlamaForCausalLM(nn.Module):
 
         input_ids: [b, s] prompts of one length -> [b, s + max_new_tokens]; or a list of 1-D prompts
         of any lengths -> a list of 1-D (prompt + new tokens). With eos_token_id a row stops at EOS
-        (a tensor result is padded with it) and decoding ends once every row has stopped.
+        (a tensor result is padded with it) and decoding ends once every row has stopped. Under
+        ZeRO-3 every rank must run the same number of steps: leave eos_token_id None there.
+        Dynamic-NTK RoPE uses one base for the whole call, that of prompt + max_new_tokens.
         """
         ragged = isinstance(input_ids, (list, tuple))
         prompts = [p.reshape(-1) for p in input_ids] if ragged else None
