@@ -59,8 +59,9 @@ def device_tables(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, d
     return _DEVICE_TABLES[key]
 
 
-def _contiguous_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _contiguous(t: Tensor) -> Tensor:
+    # Tensor descriptors view [b, s, h, d] as [b * s, h * d].
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _forward(q, k, v, cu_seqlens, max_seqlen, scale, pattern, cfg=None):
@@ -130,7 +131,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, do, dlse):
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = sparse_attn_bwd(
-        _contiguous_last(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.pattern_key
+        _contiguous(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.pattern_key
     )
     return dq, dk, dv, None, None, None, None
 
@@ -150,7 +151,7 @@ def triton_attention(
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the one device sync of varlen
-    q, k, v = (_contiguous_last(t) for t in (q, k, v))
+    q, k, v = (_contiguous(t) for t in (q, k, v))
     out, _ = sparse_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale), pattern.key)
     return out
 
@@ -162,5 +163,5 @@ def triton_decode(
     from powerattn.kernels.decode import launch_decode
 
     _check_supported(q, pattern)
-    q, k_cache, v_cache = (_contiguous_last(t) for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (_contiguous(t) for t in (q, k_cache, v_cache))
     return launch_decode(q, k_cache, v_cache, pattern, cache_seqlens.to(q.device, torch.int32), scale)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from powerattn.kernels.forward import rows_descriptor
 from powerattn.patterns import BlockTables
 
 
@@ -42,31 +43,32 @@ def _valid_count(idx_ptr, lo, hi, limit, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, offs_n, seqlen, qk_scale,
-               MASKED: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, first, offs_n, seqlen, qk_scale,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    offs_m = first + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seqlen
-    q = tl.load(q_ptrs, mask=row_ok[None, :], other=0.0)  # [HEAD_DIM, BLOCK_M]
-    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
-    lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
-    p_t = tl.math.exp2(tl.dot(k, q) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+    # Rows past the sequence end arrive as zeros or as the next document's rows; lse = +inf there
+    # makes their P (and so dS) exactly zero.
+    q = q_desc.load([row0 + first, col])  # [BLOCK_M, HEAD_DIM]
+    do = do_desc.load([row0 + first, col])
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
     if MASKED:
         p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do)
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), tl.trans(q))
+    dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, q_ptr, q_idx, q_full, cu_seqlens,
+    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, q_ptr, q_idx, q_full, cu_seqlens,
     seq_len, n_kv_heads, qk_scale, sm_scale,
-    stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
@@ -78,10 +80,12 @@ def _dkdv_kernel(
     kv_head = pid_bh % n_kv_heads
     if VARLEN:  # int64 whole-tensor offsets, as in the forward
         batch = tl.zeros([], dtype=tl.int64)
-        start = tl.load(cu_seqlens + pid_bh // n_kv_heads).to(tl.int64)
-        seqlen = (tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start).to(tl.int32)
+        row0 = tl.load(cu_seqlens + pid_bh // n_kv_heads)
+        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - row0
+        start = row0.to(tl.int64)
     else:
         batch = (pid_bh // n_kv_heads).to(tl.int64)
+        row0 = (pid_bh // n_kv_heads) * seq_len  # first row of this sequence in the [b * s, h * d] view
         start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_n * BLOCK_N >= seqlen:
@@ -102,27 +106,16 @@ def _dkdv_kernel(
     hi = tl.load(q_ptr + pid_n + 1)
     mid_valid = lo + _valid_count(q_idx, lo, mid, n_q_tiles, 64)
     hi_valid = mid + _valid_count(q_idx, mid, hi, n_q_tiles, 64)
-    offs_t = tl.arange(0, BLOCK_M)
-    q_tile = offs_t[None, :] * stride_qs + offs_d[:, None]  # [HEAD_DIM, BLOCK_M]: Q arrives transposed
-    do_tile = offs_t[:, None] * stride_dos + offs_d[None, :]
     for g in range(GROUP):
         head = kv_head * GROUP + g
-        q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
-        do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
         delta_base = DELTA + (batch * n_kv_heads * GROUP + head) * seq_len + start
         for j in range(lo, mid_valid):
-            first = tl.load(q_idx + j) * BLOCK_M
-            row = first.to(tl.int64)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + row * stride_qs + q_tile, do_base + row * stride_dos + do_tile,
-                                lse_base + row + offs_t, delta_base + row + offs_t, first + offs_t, offs_n, seqlen,
-                                qk_scale, False)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
+                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, False)
         for j in range(mid, hi_valid):
-            first = tl.load(q_idx + j) * BLOCK_M
-            row = first.to(tl.int64)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + row * stride_qs + q_tile, do_base + row * stride_dos + do_tile,
-                                lse_base + row + offs_t, delta_base + row + offs_t, first + offs_t, offs_n, seqlen,
-                                qk_scale, True)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
+                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, True)
 
     dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs + offs_d[None, :]
@@ -131,30 +124,25 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, MASKED: tl.constexpr):
+def _dq_step(dq, q, do, lse, delta, k_desc, v_desc, row0, col, first, offs_m, seqlen, qk_scale,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    k = k_desc.load([row0 + first, col])  # [BLOCK_N, HEAD_DIM]
+    v = v_desc.load([row0 + first, col])
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASKED:
-        in_range = offs_n < seqlen
-        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        v = tl.load(v_ptrs, mask=in_range[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    p = tl.math.exp2(tl.dot(q, k) * qk_scale - lse[:, None])
-    if MASKED:
-        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & in_range[None, :], p, 0.0)
-    dp = tl.dot(do, v)
+        offs_n = first + tl.arange(0, BLOCK_N)
+        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n < seqlen)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), tl.trans(k))
+    dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, kv_ptr, kv_idx, kv_full, cu_seqlens,
+    Q, k_desc, v_desc, DO, LSE, DELTA, DQ, kv_ptr, kv_idx, kv_full, cu_seqlens,
     seq_len, n_heads, qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
@@ -166,46 +154,40 @@ def _dq_kernel(
     pid_bh = tl.program_id(1)
     n_kv_heads = n_heads // GROUP
     head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
-    if VARLEN:  # int64 whole-tensor offsets, as in the forward
+    if VARLEN:
         batch = tl.zeros([], dtype=tl.int64)
-        start = tl.load(cu_seqlens + pid_bh // n_kv_heads).to(tl.int64)
-        seqlen = (tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start).to(tl.int32)
+        row0 = tl.load(cu_seqlens + pid_bh // n_kv_heads)
+        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - row0
+        start = row0.to(tl.int64)
     else:
         batch = (pid_bh // n_kv_heads).to(tl.int64)
+        row0 = (pid_bh // n_kv_heads) * seq_len
         start = tl.zeros([], dtype=tl.int64)
         seqlen = seq_len
     if pid_m * BLOCK_M >= seqlen:
         return
-    kv_head = head // GROUP
+    col = (head // GROUP) * HEAD_DIM
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + (start + offs_m)[:, None] * stride_qs + offs_d[None, :],
+    rows = (start + offs_m)[:, None]
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + (start + offs_m)[:, None] * stride_dos
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + rows * stride_dos + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + batch * stride_lb + head * stride_lh + start + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + (batch * n_heads + head) * seq_len + start + offs_m, mask=row_ok, other=0.0)
-    k_base = K + batch * stride_kb + kv_head * stride_kh + start * stride_ks
-    v_base = V + batch * stride_vb + kv_head * stride_vh + start * stride_vs
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo = tl.load(kv_ptr + pid_m)
     mid = lo + tl.load(kv_full + pid_m)
     hi = tl.load(kv_ptr + pid_m + 1)
-    offs_t = tl.arange(0, BLOCK_N)
-    k_tile = offs_t[None, :] * stride_ks + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K and V arrive transposed
-    v_tile = offs_t[None, :] * stride_vs + offs_d[:, None]
     for j in range(lo, mid):
-        first = tl.load(kv_idx + j) * BLOCK_N
-        dq = _dq_step(dq, q, do, lse, delta, k_base + first.to(tl.int64) * stride_ks + k_tile,
-                      v_base + first.to(tl.int64) * stride_vs + v_tile, offs_m, first + offs_t, seqlen, qk_scale,
-                      False)
+        dq = _dq_step(dq, q, do, lse, delta, k_desc, v_desc, row0, col, tl.load(kv_idx + j) * BLOCK_N, offs_m,
+                      seqlen, qk_scale, BLOCK_N, False)
     for j in range(mid, hi):
-        first = tl.load(kv_idx + j) * BLOCK_N
-        dq = _dq_step(dq, q, do, lse, delta, k_base + first.to(tl.int64) * stride_ks + k_tile,
-                      v_base + first.to(tl.int64) * stride_vs + v_tile, offs_m, first + offs_t, seqlen, qk_scale,
-                      True)
-    dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + (start + offs_m)[:, None] * stride_dqs + offs_d[None, :]
+        dq = _dq_step(dq, q, do, lse, delta, k_desc, v_desc, row0, col, tl.load(kv_idx + j) * BLOCK_N, offs_m,
+                      seqlen, qk_scale, BLOCK_N, True)
+    dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + rows * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -230,12 +212,11 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_se
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_seq * hkv)
     _dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, tables.q_ptr, tables.q_idx, tables.q_full, cu_seqlens,
+        rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
+        tables.q_ptr, tables.q_idx, tables.q_full, cu_seqlens,
         s, hkv, scale * 1.4426950408889634, scale,
-        q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1),
@@ -253,11 +234,10 @@ def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seql
     group = h // k.shape[2]
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * group, n_seq * k.shape[2])
     _dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
+        q, rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]), do, lse, delta, dq,
+        tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
         s, h, scale * 1.4426950408889634, scale,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         lse.stride(0), lse.stride(1),

@@ -1,8 +1,9 @@
 """Forward block-sparse attention: online softmax (exp2) over the key tiles a pattern's table names.
 
 One program owns one query tile of one head. It walks its row of the forward table: first the
-tiles wholly below the causal diagonal (no mask, no bounds checks), then the few that overlap it.
-Saves the base-2 log-sum-exp per row for the backward.
+tiles wholly below the causal diagonal (no mask), then the few that overlap it. K and V tiles
+arrive through tensor descriptors (TMA on Hopper): the address of a tile is two scalars, so no
+[tile x head_dim] offset tensor lives in registers across the loop. Saves the base-2 log-sum-exp.
 """
 
 from __future__ import annotations
@@ -10,23 +11,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from powerattn.patterns import BlockTables
 
 
 @triton.jit
-def _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_scale, MASKED: tl.constexpr):
-    """Fold one key tile into the running (acc, max, sum) of the online softmax."""
+def _tile_update(acc, m_i, l_i, q, k_desc, v_desc, row0, col, first, offs_m, seqlen, qk_scale,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Fold the key tile starting at `first` into the running (acc, max, sum) of the online softmax."""
+    # Rows past the sequence end come back as zeros (or as the next document's rows in packed
+    # input): masked tiles mask them below, full tiles never reach them.
+    k = k_desc.load([row0 + first, col])
+    v = v_desc.load([row0 + first, col])
+    qk = tl.dot(q, tl.trans(k))
     if MASKED:
-        in_range = offs_n < seqlen
-        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    qk = tl.dot(q, k)
-    if MASKED:
-        keep = (offs_n[None, :] <= offs_m[:, None]) & in_range[None, :]
+        offs_n = first + tl.arange(0, BLOCK_N)
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n < seqlen)[None, :]
         qk = tl.where(keep, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key yet keeps m = -inf; shift by 0 then so exp2 gives 0, not NaN.
@@ -44,11 +45,9 @@ def _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, seqlen, qk_sc
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, kv_ptr, kv_idx, kv_full, cu_seqlens,
+    Q, k_desc, v_desc, O, LSE, kv_ptr, kv_idx, kv_full, cu_seqlens,
     seq_len, n_heads, qk_scale,
     stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -64,22 +63,23 @@ def _fwd_kernel(
     # Whole-tensor offsets in int64: batch * stride and position * stride pass 2^31 at long context.
     if VARLEN:
         batch = tl.zeros([], dtype=tl.int64)
-        start = tl.load(cu_seqlens + pid_bh // n_kv_heads).to(tl.int64)
-        seqlen = (tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start).to(tl.int32)
+        start = tl.load(cu_seqlens + pid_bh // n_kv_heads)
+        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start
+        row0 = start
     else:
         batch = (pid_bh // n_kv_heads).to(tl.int64)
-        start = tl.zeros([], dtype=tl.int64)
+        start = 0
         seqlen = seq_len
+        row0 = (pid_bh // n_kv_heads) * seq_len  # first row of this sequence in the [b * s, kv_heads * d] view
     if pid_m * BLOCK_M >= seqlen:
         return
-    kv_head = head // GROUP
+    col = (head // GROUP) * HEAD_DIM
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + (start + offs_m)[:, None] * stride_qs + offs_d[None, :]
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + (start + offs_m).to(tl.int64)[:, None] * stride_qs \
+        + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_base = K + batch * stride_kb + kv_head * stride_kh + start * stride_ks
-    v_base = V + batch * stride_vb + kv_head * stride_vh + start * stride_vs
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -87,28 +87,28 @@ def _fwd_kernel(
     lo = tl.load(kv_ptr + pid_m)
     mid = lo + tl.load(kv_full + pid_m)
     hi = tl.load(kv_ptr + pid_m + 1)
-    offs_t = tl.arange(0, BLOCK_N)
-    k_tile = offs_t[None, :] * stride_ks + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K arrives transposed
-    v_tile = offs_t[:, None] * stride_vs + offs_d[None, :]
     for j in range(lo, mid):
         first = tl.load(kv_idx + j) * BLOCK_N
-        k_ptrs = k_base + first.to(tl.int64) * stride_ks + k_tile
-        v_ptrs = v_base + first.to(tl.int64) * stride_vs + v_tile
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, first + offs_t, seqlen, qk_scale,
-                                     False)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_desc, v_desc, row0, col, first, offs_m, seqlen, qk_scale,
+                                     BLOCK_N, False)
     for j in range(mid, hi):
         first = tl.load(kv_idx + j) * BLOCK_N
-        k_ptrs = k_base + first.to(tl.int64) * stride_ks + k_tile
-        v_ptrs = v_base + first.to(tl.int64) * stride_vs + v_tile
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, first + offs_t, seqlen, qk_scale,
-                                     True)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_desc, v_desc, row0, col, first, offs_m, seqlen, qk_scale,
+                                     BLOCK_N, True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
-    o_ptrs = O + batch * stride_ob + head * stride_oh + (start + offs_m)[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = O + batch * stride_ob + head * stride_oh + (start + offs_m).to(tl.int64)[:, None] * stride_os \
+        + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + batch * stride_lb + head * stride_lh + start + offs_m, lse, mask=row_ok)
+
+
+def rows_descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """TMA descriptor over [b, s, h, d] seen as [b * s, h * d], loading [block_rows, d] tiles of one head."""
+    b, s, h, d = t.shape
+    return TensorDescriptor.from_tensor(t.view(b * s, h * d), block_shape=[block_rows, d])
 
 
 def launch_forward(
@@ -123,11 +123,10 @@ def launch_forward(
     group = h // k.shape[2]
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * group, n_seq * k.shape[2])
     _fwd_kernel[grid](
-        q, k, v, o, lse, tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
+        q, rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]), o, lse,
+        tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
         s, h, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
