@@ -1,0 +1,296 @@
+"""What `python eval.py` does: check the config, load the checkpoint, run one task, write results.json + PNG.
+
+Every check that needs no model (folder, tokenizer, pattern, task parameters, prompt lengths) runs
+before the weights are read. The PNG is written first and results.json last, each atomically, so a
+results.json in a folder means that run finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.synthetic import make_task, passkey
+from data.tokenizer import Tokenizer
+from powerattn.evaluation import plots
+from powerattn.evaluation.coverage import run_receptive_field
+from powerattn.evaluation.passkey import cell_seed, check_lengths, passkey_grid, resolve_depths
+from powerattn.evaluation.perplexity import MODES, heldout_stores, run_perplexity
+from powerattn.evaluation.ruler import check_tasks, run_ruler
+from powerattn.model import from_pretrained, load_config
+from powerattn.patterns import Pattern, make_pattern
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "powerattn.eval/1"
+TASKS = ("passkey", "ruler", "ppl", "receptive_field")
+# The parameters each task accepts: a typo is an error, not a silently ignored key.
+TASK_KEYS = {
+    "passkey": {"name", "lengths", "depths", "samples", "digits"},
+    "ruler": {"name", "lengths", "samples", "tasks"},
+    "ppl": {"name", "lengths", "data", "text_field", "cache_dir", "tokens_per_length", "buckets", "mode"},
+    "receptive_field": {"name", "length", "depths", "samples", "digits"},
+}
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def auto_lengths(max_len: int, count: int, minimum: int = 256) -> list[int]:
+    """`count` doubling lengths ending at max_len (none below `minimum` unless max_len is)."""
+    out = [max_len >> k for k in reversed(range(count)) if max_len >> k >= minimum]
+    return out or [max_len]
+
+
+def resolve_pattern(spec, saved: Mapping | None) -> Pattern | None:
+    """None (keep the checkpoint's), a pattern name, or a mapping {name: ..., <params>}.
+
+    An unset block_size follows the checkpoint's training pattern (else the pattern's default).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, Mapping):
+        params = dict(spec)
+        name = params.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"pattern override {dict(spec)} needs a `name` (e.g. full, power)")
+    else:
+        raise ValueError(f"pattern must be null, a name or a mapping with `name`, got {spec!r}")
+    if "block_size" not in params and saved and "block_size" in saved:
+        params["block_size"] = saved["block_size"]
+    return make_pattern(name, **params)
+
+
+class Job:
+    """A checked evaluation config: everything resolved that can be without reading the weights."""
+
+    def __init__(self, cfg):
+        if hasattr(cfg, "_metadata"):  # a Hydra / OmegaConf config
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        self.cfg = c = {k: v for k, v in cfg.items() if k != "hydra"}
+        missing = [k for k in ("checkpoint", "task") if c.get(k) in (None, "???")]
+        if missing:
+            raise ValueError(f"eval: set {' and '.join(missing)} (checkpoint=DIR task=passkey)")
+        self.checkpoint = Path(c["checkpoint"]).expanduser().resolve()
+        if not (self.checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {str(self.checkpoint)!r} is not an HF model folder "
+                                    "(no config.json)")
+        self.task = dict(c["task"]) if isinstance(c["task"], Mapping) else {"name": c["task"]}
+        self.name = self.task.get("name")
+        if self.name not in TASKS:
+            raise ValueError(f"eval: unknown task {self.name!r}; choose one of {TASKS}")
+        unknown = sorted(set(self.task) - TASK_KEYS[self.name])
+        if unknown:
+            raise ValueError(f"eval: task {self.name!r} has no parameter(s) {unknown}; it accepts "
+                             f"{sorted(TASK_KEYS[self.name])}")
+        self.model_config = load_config(self.checkpoint)
+        self.saved = self.model_config.hf_extra.get("powerattn") or {}
+        self.pattern = resolve_pattern(c.get("pattern"), self.saved.get("pattern"))
+        self.schedule = c.get("attention_schedule")
+        if self.schedule is None and self.pattern is not None:  # an override keeps the hybrid layers
+            self.schedule = self.saved.get("full_attention_layers") or None
+        self.tokenizer = Tokenizer.from_pretrained(c.get("tokenizer") or self.checkpoint)
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ValueError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} pieces, "
+                             f"more than the model's vocab_size {self.model_config.vocab_size}")
+        device = c.get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        dtype = c.get("dtype") or "auto"
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        if dtype not in _DTYPES:
+            raise ValueError(f"eval: unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
+        self.dtype = _DTYPES[dtype]
+        self.backend = c.get("backend") or "auto"
+        self.batch_size = int(c.get("batch_size") or 1)
+        if self.batch_size < 1:
+            raise ValueError(f"eval: batch_size must be >= 1, got {self.batch_size}")
+        self.seed = int(c.get("seed") or 0)
+        self.progress = bool(c.get("progress", True))
+        self.output_dir = Path(c.get("output_dir") or ".").expanduser()
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """Fill defaults and automatic lengths; fail now on what the task would reject later."""
+        t, max_pos = self.task, self.model_config.max_position_embeddings
+        if self.name == "receptive_field":
+            t["length"] = check_lengths([t.get("length") or max_pos], "length")[0]
+            lengths = [t["length"]]
+        else:
+            lengths = t["lengths"] = check_lengths(
+                t.get("lengths") or auto_lengths(max_pos, 4 if self.name == "ruler" else 6))
+        if max(lengths) > max_pos:
+            log.warning("eval: %d tokens exceed the checkpoint's max_position_embeddings %d",
+                        max(lengths), max_pos)
+        if self.name in ("passkey", "ruler", "receptive_field"):
+            t["samples"] = int(t.get("samples") or 1)
+        if self.name in ("passkey", "receptive_field"):
+            t["depths"] = resolve_depths(t.get("depths", 10))
+            t["digits"] = int(t.get("digits") or 5)
+            passkey(0, depth=0.0, digits=t["digits"]).to_tokens(self.tokenizer, min(lengths))
+        elif self.name == "ruler":
+            t["tasks"] = check_tasks(t.get("tasks"))
+            for name, params in t["tasks"].items():
+                make_task(name, cell_seed(self.seed, name), **params).to_tokens(self.tokenizer, min(lengths))
+        elif self.name == "ppl":
+            t.setdefault("mode", "documents")
+            if t["mode"] not in MODES:
+                raise ValueError(f"ppl: mode must be one of {MODES}, got {t['mode']!r}")
+            t["buckets"] = int(t.get("buckets") or 8)
+            t["tokens_per_length"] = int(t.get("tokens_per_length") or 262144)
+            t["cache_dir"] = t.get("cache_dir") or ".cache/powerattn_data"
+            t["text_field"] = t.get("text_field") or "text"
+
+    def load_model(self):
+        model = from_pretrained(self.checkpoint, pattern=self.pattern, dtype=self.dtype,
+                                attention_schedule=self.schedule, device=self.device, backend=self.backend)
+        return model.eval()
+
+
+def _passkey(job: Job, model, png: Path, title: str) -> tuple[dict, dict]:
+    t = job.task
+    grid = passkey_grid(model, job.tokenizer, t["lengths"], t["depths"], t["samples"], job.seed, t["digits"],
+                        job.batch_size, job.progress)
+    results = {"lengths": grid.lengths, "depths": grid.depths, "samples": grid.samples, "digits": t["digits"],
+               "accuracy": grid.accuracy(), "accuracy_by_length": grid.by_length(),
+               "accuracy_by_depth": grid.by_depth(), "mean_accuracy": grid.mean(), "records": grid.records}
+    summary = {"mean_accuracy": grid.mean(),
+               "accuracy_by_length": dict(zip(map(str, grid.lengths), grid.by_length()))}
+    plots.passkey_heatmap(results, png, f"passkey, mean {100 * grid.mean():.0f}%\n{title}")
+    return results, summary
+
+
+def _ruler(job: Job, model, png: Path, title: str) -> tuple[dict, dict]:
+    t = job.task
+    results = run_ruler(model, job.tokenizer, t["lengths"], t["samples"], t["tasks"], job.seed,
+                        job.batch_size, job.progress)
+    summary = {"average": _mean(results["average"]),
+               "average_by_length": dict(zip(map(str, results["lengths"]), results["average"]))}
+    plots.ruler_plot(results, png, f"RULER-style tasks\n{title}")
+    return results, summary
+
+
+def _ppl(job: Job, model, png: Path, title: str, stores) -> tuple[dict, dict]:
+    t = job.task
+    results = run_perplexity(model, job.tokenizer, t["lengths"], stores, t["tokens_per_length"], t["buckets"],
+                             t["mode"], job.batch_size, job.progress)
+    summary = {"ppl_by_length": {str(r["length"]): r["ppl"] for r in results["per_length"]}}
+    plots.ppl_plot(results, png, f"perplexity - {title}")
+    return results, summary
+
+
+def _receptive_field(job: Job, model, png: Path, title: str) -> tuple[dict, dict]:
+    t = job.task
+    results = run_receptive_field(model, job.tokenizer, t["length"], t["depths"], t["samples"], model.pattern,
+                                  model.full_attention_layers, model.config.num_hidden_layers, job.seed,
+                                  job.batch_size, job.progress)
+    theory = results["theory"]
+    summary = {"coverage": theory["coverage"], "layers_to_full": theory["layers_to_full"],
+               "mean_accuracy": _mean(results["measured"]["accuracy"]), **results["agreement"]}
+    plots.receptive_field_plot(results, png, f"receptive field vs passkey - {title}")
+    return results, summary
+
+
+_RUNNERS = {"passkey": _passkey, "ruler": _ruler, "ppl": _ppl, "receptive_field": _receptive_field}
+
+
+def run(cfg) -> Path:
+    """Run the configured task; returns the path of the results.json written."""
+    job = Job(cfg)
+    start = time.perf_counter()
+    extra = ()
+    if job.name == "ppl":  # tokenising the corpus is cheap next to loading a model: fail on it first
+        t = job.task
+        extra = (heldout_stores(job.tokenizer, t.get("data"), t["cache_dir"], t["text_field"]),)
+    model = job.load_model()
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    png = job.output_dir / f"{job.name}.png"
+    title = f"{job.checkpoint.name}: {_pattern_label(model)}"
+    results, summary = _RUNNERS[job.name](job, model, png, title, *extra)
+    out = {
+        "schema": SCHEMA, "task": job.name, "checkpoint": str(job.checkpoint), "model": _model_info(model),
+        "attention": _attention_info(model, job), "environment": _environment(job), "config": job.cfg,
+        "task_config": job.task, "elapsed_s": round(time.perf_counter() - start, 3), "plot": png.name,
+        "summary": summary, "results": results,
+    }
+    path = job.output_dir / "results.json"
+    tmp = path.with_name(".results.json.tmp")
+    tmp.write_text(json.dumps(_finite(out), indent=1))
+    os.replace(tmp, path)
+    log.info("%s summary: %s", job.name, json.dumps(_finite(summary)))
+    log.info("wrote %s and %s", path, png)
+    return path
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _pattern_label(model) -> str:
+    label = model.pattern.key
+    if model.full_attention_layers:
+        label += f" + {len(model.full_attention_layers)} full layers"
+    return label
+
+
+def _model_info(model) -> dict:
+    c = model.config
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
+            "rope_scaling")
+    return {**{k: getattr(c, k) for k in keys}, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _attention_info(model, job: Job) -> dict:
+    if job.pattern is not None:
+        source = "override"
+    else:
+        source = "checkpoint" if job.saved.get("pattern") else "none saved: full attention"
+    return {"pattern": {"name": model.pattern.name, **asdict(model.pattern)}, "key": model.pattern.key,
+            "full_attention_layers": list(model.full_attention_layers), "source": source,
+            "backend": job.backend}
+
+
+def _environment(job: Job) -> dict:
+    if job.device.type == "cuda":
+        device = torch.cuda.get_device_name(job.device)
+    else:
+        device = platform.processor() or platform.machine() or "cpu"
+    env = {"device": device, "device_type": job.device.type, "dtype": str(job.dtype).removeprefix("torch."),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
