@@ -134,14 +134,35 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
     o, lse = _forward(q, k, v, None, s, scale, pat)
     delta = launch_delta(o, do)
     times = {"delta": median_ms(lambda: launch_delta(o, do), False)}
-    for kind, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
-        def run(c, launch=launch):
+    dq_accum = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+    for kind, launch, extra in (("dkdv", launch_dkdv, {}), ("dq", launch_dq, {}),
+                                ("dkdv_fused", launch_dkdv, {"dq_accum": dq_accum})):
+        def run(c, launch=launch, extra=extra):
             t = device_tables(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device)
-            return launch(q, k, v, do, lse, delta, t, None, s, scale, c)
-        cfg = pick_config(kind, q, k, pat, s, run)
-        times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
-        times[f"{kind}_config"] = cfg
+            return launch(q, k, v, do, lse, delta, t, None, s, scale, c, **extra)
+        try:
+            cfg = pick_config(kind, q, k, pat, s, run)
+            times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
+            times[f"{kind}_config"] = cfg
+        except Exception as e:  # report, keep benchmarking the rest
+            times[f"{kind}_error"] = repr(e)[:300]
     return times
+
+
+def compile_report() -> list[str]:
+    """Registers, spills and shared memory of every kernel variant compiled in this process."""
+    from powerattn.kernels.backward import _dkdv_kernel, _dq_kernel
+    from powerattn.kernels.forward import _fwd_kernel
+
+    lines = []
+    for name, fn in (("fwd", _fwd_kernel), ("dkdv", _dkdv_kernel), ("dq", _dq_kernel)):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, kern in cache[0].items():
+                md = kern.metadata
+                consts = {k: v for k, v in md.constants.items()} if hasattr(md, "constants") else {}
+                lines.append(f"{name} warps={md.num_warps} stages={md.num_stages} regs={kern.n_regs} "
+                             f"spills={kern.n_spills} smem={md.shared} {str(key)[-120:]} {consts}")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -186,8 +207,8 @@ def table(rows: list[dict], decode: list[dict]) -> str:
     for r in rows:
         if "breakdown" in r:
             b = r["breakdown"]
-            lines.append(f"{r['seq_len'] // 1024:>5}K backward: delta {b['delta']:.2f} ms, dK/dV {b['dkdv']:.2f} ms "
-                         f"{b['dkdv_config']}, dQ {b['dq']:.2f} ms {b['dq_config']}")
+            lines.append(f"{r['seq_len'] // 1024:>5}K backward: " + ", ".join(
+                f"{k} {v:.2f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in b.items()))
     for dcd in decode:
         for mode in ("eager", "cuda_graph"):
             m = dcd[mode]
@@ -245,6 +266,8 @@ def main(argv=None) -> None:
     (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode}, indent=1))
     plot(rows, out / "kernels.png")
     print(json.dumps(meta))
+    if args.breakdown:
+        print("\n".join(compile_report()))
     print(table(rows, decode))
 
 

@@ -205,12 +205,19 @@ def flex_sparse_attention(
 ) -> Tensor:
     """FlexAttention with the pattern's BlockMask (GQA through enable_gqa)."""
     s = q.shape[1]
+    # Padded to whole tiles: padded keys come after every real query (the causal rule drops them),
+    # padded queries are cut off below. FlexAttention's GPU backward mishandled a partial last tile
+    # (zero dK/dV there, torch 2.11), so it never sees one.
+    tile = math.gcd(FLEX_TILE, pattern.block_size)
+    pad = -s % tile
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
     if cu_seqlens is None:
-        block_mask = flex_block_mask(pattern, s, str(q.device))
+        block_mask = flex_block_mask(pattern, s + pad, str(q.device))
     else:
-        block_mask = _varlen_block_mask(pattern, cu_seqlens.to(q.device), s)
+        block_mask = _varlen_block_mask(pattern, cu_seqlens.to(q.device), s + pad)
     out = _flex_fn(q.device)(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[:, :s]

@@ -172,3 +172,11 @@ def test_gpu_decode_bf16(name):
         out = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")
         ref = decode_reference(q.float(), kc.float(), vc.float(), pat, lengths)
         assert rel_err(out, ref) < 1e-2
+
+
+def test_atomic_dq_variant_matches(monkeypatch, poisoned):
+    monkeypatch.setenv("POWERATTN_DETERMINISTIC", "0")
+    run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 2, 90, 8, 2, 32, torch.float32, "cpu")
+    cu = torch.tensor([0, 37, 38, 117], dtype=torch.int32)
+    run_and_compare(powerattn.make_pattern("longnet", **SMALL["longnet"]), 1, 117, 4, 1, 32, torch.float32, "cpu",
+                    cu=cu)

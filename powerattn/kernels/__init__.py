@@ -23,6 +23,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def deterministic() -> bool:
+    """Backward without atomics (separate dQ kernel) unless POWERATTN_DETERMINISTIC=0."""
+    return os.environ.get("POWERATTN_DETERMINISTIC", "1") != "0"
+
+
 def triton_supports(q: Tensor, pattern: Pattern) -> bool:
     """Whether the Triton backend handles these inputs (the dispatcher falls back to flex if not)."""
     d = q.shape[-1]
@@ -88,9 +93,19 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, pattern):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
         return launch_dq(q, k, v, do, lse, delta, tables, cu_seqlens, max_seqlen, scale, c)
 
-    dk, dv = run_dkdv(pick_config("dkdv", q, k, pattern, max_seqlen, run_dkdv))
-    dq = run_dq(pick_config("dq", q, k, pattern, max_seqlen, run_dq))
-    return dq, dk, dv
+    if deterministic():
+        dk, dv = run_dkdv(pick_config("dkdv", q, k, pattern, max_seqlen, run_dkdv))
+        dq = run_dq(pick_config("dq", q, k, pattern, max_seqlen, run_dq))
+        return dq, dk, dv
+    dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+
+    def run_fused(c):
+        dq_accum.zero_()
+        tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
+        return launch_dkdv(q, k, v, do, lse, delta, tables, cu_seqlens, max_seqlen, scale, c, dq_accum)
+
+    dk, dv = run_fused(pick_config("dkdv_fused", q, k, pattern, max_seqlen, run_fused))
+    return dq_accum.to(q.dtype), dk, dv
 
 
 @torch.library.custom_op("powerattn::sparse_attn_fwd", mutates_args=())
