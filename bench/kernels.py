@@ -134,18 +134,16 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
     o, lse = _forward(q, k, v, None, s, scale, pat)
     delta = launch_delta(o, do)
     times = {"delta": median_ms(lambda: launch_delta(o, do), False)}
-    dq_accum = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-    for kind, launch, extra in (("dkdv", launch_dkdv, {}), ("dq", launch_dq, {}),
-                                ("dkdv_fused", launch_dkdv, {"dq_accum": dq_accum})):
-        def run(c, launch=launch, extra=extra):
+    from powerattn.kernels import dkdv_schedule
+
+    for kind, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
+        def run(c, kind=kind, launch=launch):
             t = device_tables(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device)
-            return launch(q, k, v, do, lse, delta, t, None, s, scale, c, **extra)
-        try:
-            cfg = pick_config(kind, q, k, pat, s, run)
-            times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
-            times[f"{kind}_config"] = cfg
-        except Exception as e:  # report, keep benchmarking the rest
-            times[f"{kind}_error"] = repr(e)[:300]
+            extra = (dkdv_schedule(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device),) if kind == "dkdv" else ()
+            return launch(q, k, v, do, lse, delta, t, *extra, None, s, scale, c)
+        cfg = pick_config(kind, q, k, pat, s, run)
+        times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
+        times[f"{kind}_config"] = cfg
     return times
 
 

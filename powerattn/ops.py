@@ -172,12 +172,12 @@ def flex_block_mask(pattern: Pattern, seq_len: int, device: str):
     def mask_mod(b, h, q_idx, kv_idx):
         return pattern.token_rule(q_idx, kv_idx)
 
-    def as4d(x: Tensor) -> Tensor:
-        return x.view(1, 1, n, -1).to(device=device, dtype=torch.int32).contiguous()
+    def batched(x: Tensor) -> Tensor:  # counts [1, 1, n], indices [1, 1, n, n]
+        return x.view(1, 1, *x.shape).to(device=device, dtype=torch.int32).contiguous()
 
     kwargs = dict(
-        kv_num_blocks=as4d(lens - full), kv_indices=as4d(part_idx),
-        full_kv_num_blocks=as4d(full), full_kv_indices=as4d(full_idx),
+        kv_num_blocks=batched(lens - full), kv_indices=batched(part_idx),
+        full_kv_num_blocks=batched(full), full_kv_indices=batched(full_idx),
         BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
     )
     if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:

@@ -64,6 +64,26 @@ def test_flex_backend_forward_cpu(name):
     check("flex", name, 1, 100, 4, 2, 16, torch.float32, cu=cu, grads=False, tol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_flex_block_mask_equals_one_built_from_the_dense_rule(name):
+    # Both directions matter: FlexAttention's backward walks the transposed (q_*) fields.
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from powerattn.ops import flex_block_mask
+
+    pat = powerattn.make_pattern(name, **{**PATTERNS[name], "block_size": 128})
+    ours = flex_block_mask(pat, 2048, "cpu")
+    ref = create_block_mask(lambda b, h, q, k: pat.token_rule(q, k), None, None, 2048, 2048, device="cpu",
+                            BLOCK_SIZE=128)
+    for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(ours, field), getattr(ref, field)), field
+    for count, index in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                         ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n, a, b = getattr(ref, count)[0, 0], getattr(ours, index)[0, 0], getattr(ref, index)[0, 0]
+        for row in range(n.numel()):
+            assert sorted(a[row, : n[row]].tolist()) == sorted(b[row, : n[row]].tolist()), (index, row)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_flex_backend_gpu_with_gradients(name):

@@ -23,11 +23,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def deterministic() -> bool:
-    """Backward without atomics (separate dQ kernel) unless POWERATTN_DETERMINISTIC=0."""
-    return os.environ.get("POWERATTN_DETERMINISTIC", "1") != "0"
-
-
 def triton_supports(q: Tensor, pattern: Pattern) -> bool:
     """Whether the Triton backend handles these inputs (the dispatcher falls back to flex if not)."""
     d = q.shape[-1]
@@ -64,6 +59,19 @@ def device_tables(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, d
     return _DEVICE_TABLES[key]
 
 
+_SCHEDULES: dict[tuple, tuple[Tensor, int]] = {}
+
+
+def dkdv_schedule(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, device) -> tuple[Tensor, int]:
+    """Cached heavy-first key-tile order for the dK/dV kernel (see backward.heavy_first_order)."""
+    from powerattn.kernels.backward import heavy_first_order
+
+    key = (pattern, _table_length(max_seqlen, pattern.block_size), tile_m, tile_n, str(device))
+    if key not in _SCHEDULES:
+        _SCHEDULES[key] = heavy_first_order(device_tables(pattern, max_seqlen, tile_m, tile_n, device))
+    return _SCHEDULES[key]
+
+
 def _contiguous(t: Tensor) -> Tensor:
     # Tensor descriptors view [b, s, h, d] as [b * s, h * d].
     return t if t.is_contiguous() else t.contiguous()
@@ -87,25 +95,16 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, pattern):
 
     def run_dkdv(c):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
-        return launch_dkdv(q, k, v, do, lse, delta, tables, cu_seqlens, max_seqlen, scale, c)
+        schedule = dkdv_schedule(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
+        return launch_dkdv(q, k, v, do, lse, delta, tables, schedule, cu_seqlens, max_seqlen, scale, c)
 
     def run_dq(c):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
         return launch_dq(q, k, v, do, lse, delta, tables, cu_seqlens, max_seqlen, scale, c)
 
-    if deterministic():
-        dk, dv = run_dkdv(pick_config("dkdv", q, k, pattern, max_seqlen, run_dkdv))
-        dq = run_dq(pick_config("dq", q, k, pattern, max_seqlen, run_dq))
-        return dq, dk, dv
-    dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-
-    def run_fused(c):
-        dq_accum.zero_()
-        tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
-        return launch_dkdv(q, k, v, do, lse, delta, tables, cu_seqlens, max_seqlen, scale, c, dq_accum)
-
-    dk, dv = run_fused(pick_config("dkdv_fused", q, k, pattern, max_seqlen, run_fused))
-    return dq_accum.to(q.dtype), dk, dv
+    dk, dv = run_dkdv(pick_config("dkdv", q, k, pattern, max_seqlen, run_dkdv))
+    dq = run_dq(pick_config("dq", q, k, pattern, max_seqlen, run_dq))
+    return dq, dk, dv
 
 
 @torch.library.custom_op("powerattn::sparse_attn_fwd", mutates_args=())

@@ -43,9 +43,8 @@ def _valid_count(idx_ptr, lo, hi, limit, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, stride_dqs, row0, col, first, offs_n,
-               seqlen, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               FUSED_DQ: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, first, offs_n, seqlen, qk_scale,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     offs_m = first + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seqlen
     # Rows past the sequence end arrive as zeros or as the next document's rows; lse = +inf there
@@ -59,31 +58,37 @@ def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, str
         p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do)
     dp_t = tl.dot(v, tl.trans(do))
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk += tl.dot(ds_t, q)
-    if FUSED_DQ:
-        # dQ += dS K summed over key tiles from many programs: float32 atomics (order varies run to run).
-        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
-        dq_ptrs = dq_base + offs_m.to(tl.int64)[:, None] * stride_dqs + tl.arange(0, HEAD_DIM)[None, :]
-        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, DQ_ACC, q_ptr, q_idx, q_full, cu_seqlens,
-    seq_len, n_kv_heads, qk_scale, sm_scale,
+    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, q_ptr, q_idx, q_full, order, cu_seqlens,
+    seq_len, n_kv_heads, n_seq, n_tiles, n_heavy, qk_scale, sm_scale,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
-    stride_dqb, stride_dqs, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, FUSED_DQ: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Schedule: the few key tiles read by far more query tiles than the rest (the sink block) go
+    # first, for every (sequence, KV head), so no long program starts late and runs alone at the
+    # end; then the others, neighbouring key tiles of one head together so their query tiles are
+    # shared in L2.
+    pid = tl.program_id(0)
+    n_streams = n_seq * n_kv_heads
+    if pid < n_heavy * n_streams:
+        rank = pid // n_streams
+        pid_bh = pid % n_streams
+    else:
+        rest = pid - n_heavy * n_streams
+        rank = n_heavy + rest % (n_tiles - n_heavy)
+        pid_bh = rest // (n_tiles - n_heavy)
+    pid_n = tl.load(order + rank)
     kv_head = pid_bh % n_kv_heads
     if VARLEN:  # int64 whole-tensor offsets, as in the forward
         batch = tl.zeros([], dtype=tl.int64)
@@ -117,15 +122,12 @@ def _dkdv_kernel(
         head = kv_head * GROUP + g
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
         delta_base = DELTA + (batch * n_kv_heads * GROUP + head) * seq_len + start
-        dq_base = DQ_ACC + batch * stride_dqb + head * stride_dqh + start * stride_dqs
         for j in range(lo, mid_valid):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, stride_dqs, row0,
-                                head * HEAD_DIM, tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, sm_scale,
-                                HEAD_DIM, BLOCK_M, False, FUSED_DQ)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
+                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, False)
         for j in range(mid, hi_valid):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, stride_dqs, row0,
-                                head * HEAD_DIM, tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, sm_scale,
-                                HEAD_DIM, BLOCK_M, True, FUSED_DQ)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
+                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, True)
 
     dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs + offs_d[None, :]
@@ -213,31 +215,39 @@ def launch_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seqlen: int, scale: float,
-                cfg: dict, dq_accum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: tuple[torch.Tensor, int], cu_seqlens,
+                max_seqlen: int, scale: float, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles.
 
-    With `dq_accum` (float32 [b, s, h, d], zeroed), dQ is accumulated there too, by atomics.
+    `schedule` = (key-tile order, number of heavy tiles at its front), from `heavy_first_order`.
     """
     b, s, h, d = q.shape
     hkv = k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    acc = dq_accum if dq_accum is not None else dk  # any pointer: never touched unless fused
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_seq * hkv)
-    _dkdv_kernel[grid](
-        rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv, acc,
-        tables.q_ptr, tables.q_idx, tables.q_full, cu_seqlens,
-        s, hkv, scale * 1.4426950408889634, scale,
+    order, n_heavy = schedule
+    _dkdv_kernel[(order.numel() * n_seq * hkv,)](
+        rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
+        tables.q_ptr, tables.q_idx, tables.q_full, order, cu_seqlens,
+        s, hkv, n_seq, order.numel(), n_heavy, scale * 1.4426950408889634, scale,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1),
-        acc.stride(0), acc.stride(1), acc.stride(2),
-        GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, FUSED_DQ=dq_accum is not None, **cfg,
+        GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
     )
     return dk, dv
+
+
+def heavy_first_order(tables: BlockTables, factor: int = 4) -> tuple[torch.Tensor, int]:
+    """Key tiles whose column is over `factor` x the mean length first (longest first), then the rest in order."""
+    lens = (tables.q_ptr[1:] - tables.q_ptr[:-1]).cpu().long()
+    heavy = torch.nonzero(lens > factor * lens.float().mean(), as_tuple=True)[0]
+    heavy = heavy[torch.argsort(lens[heavy], descending=True, stable=True)]
+    light = torch.nonzero(lens <= factor * lens.float().mean(), as_tuple=True)[0]
+    order = torch.cat([heavy, light]).int().to(tables.q_ptr.device)
+    return order, int(heavy.numel())
 
 
 def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seqlen: int, scale: float,

@@ -92,7 +92,7 @@ def _combine_kernel(OP, LP, O, n_splits, stride_ob, stride_oc, stride_oh, n_chun
     tl.store(O + batch * stride_ob + i * stride_oc + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

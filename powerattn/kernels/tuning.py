@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,12 +30,6 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         64: [(64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 128, 8, 3)],
         128: [(64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3)],
         256: [(32, 64, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-    },
-    # dK/dV with dQ accumulated by atomics (POWERATTN_DETERMINISTIC=0).
-    "dkdv_fused": {
-        64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 2)],
-        128: [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2)],
-        256: [(32, 64, 8, 2), (32, 32, 4, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
