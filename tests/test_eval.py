@@ -137,6 +137,16 @@ def test_pattern_override_and_hybrid_checkpoint(tokenizer, tmp_path):
                        "pattern=full", "attention_schedule=sparse", *SMALL["passkey"]])
     att = check_outputs(run(cfg).parent, "passkey")["attention"]
     assert att["pattern"]["name"] == "full" and att["full_attention_layers"] == []
+    # A configs/pattern option (the training group: name, params and schedule).
+    cfg = compose_cfg([f"checkpoint={ckpt}", "task=passkey", f"output_dir={tmp_path / 'd'}", "progress=false",
+                       "pattern=sliding_window_hybrid", "pattern.block_size=32", *SMALL["passkey"]])
+    att = check_outputs(run(cfg).parent, "passkey")["attention"]
+    assert att["pattern"]["name"] == "sliding_window" and att["full_attention_layers"] == [2]
+    # The same form written inline: {name, schedule, **params}.
+    cfg = compose_cfg([f"checkpoint={ckpt}", "task=passkey", f"output_dir={tmp_path / 'c'}", "progress=false",
+                       "pattern={name: power, window: 3, schedule: [0]}", *SMALL["passkey"]])
+    att = check_outputs(run(cfg).parent, "passkey")["attention"]
+    assert att["key"] == "power(block_size=32,window=3,sink=1)" and att["full_attention_layers"] == [0]
 
 
 def test_layered_coverage_matches_receptive_field():
@@ -180,7 +190,7 @@ def test_perplexity_equals_the_model_loss(checkpoint, tokenizer, mode, tmp_path)
     (["checkpoint=/nonexistent/model"], FileNotFoundError, "config.json"),
     (["task.lenghts=[128]"], Exception, "lenghts"),
     (["task.lengths=[16]"], ValueError, "too short"),
-    (["pattern=nopattern"], ValueError, "unknown pattern"),
+    (["pattern={name: nopattern}"], ValueError, "unknown pattern"),
     (["task=ruler", "+task.tasks.bogus={}"], ValueError, "unknown task"),
     (["task=ppl", "task.mode=sideways"], ValueError, "mode"),
     (["dtype=float8"], ValueError, "dtype"),

@@ -52,13 +52,15 @@ def auto_lengths(max_len: int, count: int, minimum: int = 256) -> list[int]:
     return out or [max_len]
 
 
-def resolve_pattern(spec, saved: Mapping | None) -> Pattern | None:
-    """None (keep the checkpoint's), a pattern name, or a mapping {name: ..., <params>}.
+def resolve_pattern(spec, saved: Mapping | None) -> tuple[Pattern | None, Any]:
+    """(pattern, schedule) of a `pattern` override: None (keep the checkpoint's), a pattern name, or a
+    mapping {name: ..., <params>, schedule: ...} as in the training configs' pattern section.
 
-    An unset block_size follows the checkpoint's training pattern (else the pattern's default).
+    An unset block_size follows the checkpoint's training pattern (else the pattern's default); the
+    schedule (full-attention layers) is None unless the mapping sets one.
     """
     if spec is None:
-        return None
+        return None, None
     if isinstance(spec, str):
         name, params = spec, {}
     elif isinstance(spec, Mapping):
@@ -68,9 +70,10 @@ def resolve_pattern(spec, saved: Mapping | None) -> Pattern | None:
             raise ValueError(f"pattern override {dict(spec)} needs a `name` (e.g. full, power)")
     else:
         raise ValueError(f"pattern must be null, a name or a mapping with `name`, got {spec!r}")
+    schedule = params.pop("schedule", None)
     if "block_size" not in params and saved and "block_size" in saved:
         params["block_size"] = saved["block_size"]
-    return make_pattern(name, **params)
+    return make_pattern(name, **params), schedule
 
 
 class Job:
@@ -99,8 +102,9 @@ class Job:
                              f"{sorted(TASK_KEYS[self.name])}")
         self.model_config = load_config(self.checkpoint)
         self.saved = self.model_config.hf_extra.get("powerattn") or {}
-        self.pattern = resolve_pattern(c.get("pattern"), self.saved.get("pattern"))
-        self.schedule = c.get("attention_schedule")
+        self.pattern, self.schedule = resolve_pattern(c.get("pattern"), self.saved.get("pattern"))
+        if c.get("attention_schedule") is not None:
+            self.schedule = c["attention_schedule"]
         if self.schedule is None and self.pattern is not None:  # an override keeps the hybrid layers
             self.schedule = self.saved.get("full_attention_layers") or None
         self.tokenizer = Tokenizer.from_pretrained(c.get("tokenizer") or self.checkpoint)
