@@ -194,6 +194,8 @@ def test_perplexity_equals_the_model_loss(checkpoint, tokenizer, mode, tmp_path)
     (["task=ruler", "+task.tasks.bogus={}"], ValueError, "unknown task"),
     (["task=ppl", "task.mode=sideways"], ValueError, "mode"),
     (["dtype=float8"], ValueError, "dtype"),
+    (["backend=cuda_magic"], ValueError, "backend"),
+    (["attention_schedule=hybrid:9/7"], ValueError, "attention_schedule"),
 ])
 def test_bad_config_fails_before_writing(checkpoint, tmp_path, overrides, error, match):
     out = tmp_path / "never"

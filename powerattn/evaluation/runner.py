@@ -28,7 +28,8 @@ from powerattn.evaluation.coverage import run_receptive_field
 from powerattn.evaluation.passkey import cell_seed, check_lengths, passkey_grid, resolve_depths
 from powerattn.evaluation.perplexity import MODES, heldout_stores, run_perplexity
 from powerattn.evaluation.ruler import check_tasks, run_ruler
-from powerattn.model import from_pretrained, load_config
+from powerattn.model import from_pretrained, load_config, resolve_attention_schedule
+from powerattn.ops import BACKENDS
 from powerattn.patterns import Pattern, make_pattern
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class Job:
             raise ValueError(f"eval: unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
         self.dtype = _DTYPES[dtype]
         self.backend = c.get("backend") or "auto"
+        if self.backend not in BACKENDS:
+            raise ValueError(f"eval: unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        resolve_attention_schedule(self.schedule, self.model_config.num_hidden_layers)  # raises on a bad one
         self.batch_size = int(c.get("batch_size") or 1)
         if self.batch_size < 1:
             raise ValueError(f"eval: batch_size must be >= 1, got {self.batch_size}")
