@@ -125,7 +125,7 @@ def receptive_field_plot(res: dict, path: str | Path, title: str) -> None:
     b.set(xlim=(0, 100), ylim=(0, 102), xlabel="needle position (% of the context)", ylabel="accuracy (%)",
           title=f"passkey at {_k(length)}: {nb} blocks of {bs}")
     b.grid(alpha=0.3, axis="y")
-    b.legend(fontsize=7, loc="lower left")
+    b.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     save(fig, path)
