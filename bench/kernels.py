@@ -259,7 +259,8 @@ def main(argv=None) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "pattern": pat.key, "dtype": str(dtype),
-        "heads": args.heads, "kv_heads": args.kv_heads, "command": "python bench/kernels.py " + " ".join(argv or sys.argv[1:]),
+        "heads": args.heads, "kv_heads": args.kv_heads,
+        "command": "python bench/kernels.py " + " ".join(argv or sys.argv[1:]),
     }
     (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode}, indent=1))
     plot(rows, out / "kernels.png")

@@ -45,7 +45,7 @@ def make_pattern(name: str, **params) -> Pattern:
     return cls(**params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pattern_from_key(key: str) -> Pattern:
     """Inverse of `Pattern.key` (how custom ops, which take no Python objects, receive a pattern)."""
     name, _, rest = key.partition("(")

@@ -108,7 +108,7 @@ def _time_candidates(options: list[dict], run: Callable[[dict], object]) -> dict
     best, best_ms = options[0], float("inf")
     for cfg in options:
         try:
-            ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
         except Exception:  # a config that does not fit this GPU (shared memory, registers) is skipped
             continue
         if ms < best_ms:
