@@ -1,0 +1,350 @@
+"""The training job's configuration: a dataclass schema of `configs/train.yaml` and its groups.
+
+`load_config` turns the composed Hydra config into `TrainConfig` and checks every value before
+anything expensive happens: an unknown key, a wrong type or a bad value raises `ConfigError`
+naming the full key (`curriculum.stages[1].seq_len`), with a suggestion for near-miss typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from data.config import DataConfig
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+# DeepSpeed keys that train.py derives from other sections; setting them by hand could contradict.
+DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "batch.tokens_per_step", "train_micro_batch_size_per_gpu": "batch.micro_batch_tokens",
+    "gradient_accumulation_steps": "batch.tokens_per_step", "gradient_clipping": "optim.grad_clip",
+    "bf16": "precision", "fp16": "precision", "optimizer": "optim", "scheduler": "optim",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: an HF folder (`path`) and/or an architecture (`arch`, config.json names).
+
+    path None builds `arch` from scratch (random init). With both, the folder's config.json must
+    agree with `arch` on the architecture (catches a path pointing at the wrong model).
+    max_position_embeddings / rope_theta / rope_scaling extend the context once, at load
+    (see powerattn.model.extend_context); curriculum stages may raise rope_theta again.
+    """
+
+    path: str | None = None
+    arch: dict[str, Any] | None = None
+    attention_backend: str = "auto"         # auto | triton | flex | torch
+    activation_checkpointing: Any = False   # True (every layer) or a list of layer indices
+    loss_chunk_size: int = 2048             # tokens per lm_head + cross-entropy chunk
+    max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    rope_scaling: Any = None                # None keeps the model's; "default", a type name, or a dict
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage: `steps` (or `tokens`) optimizer steps on rows of `seq_len` tokens."""
+
+    seq_len: int = 0
+    steps: int | None = None
+    tokens: int | None = None               # alternative to steps: steps = ceil(tokens / tokens_per_step)
+    tokens_per_step: int | None = None      # None: batch.tokens_per_step
+    rope_theta: float | None = None         # raise the RoPE base when this stage starts (ABF)
+
+
+@dataclass
+class CurriculumConfig:
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class BatchConfig:
+    """Batch sizes in tokens; rows per micro-batch and gradient accumulation are derived per stage."""
+
+    tokens_per_step: int = 16384            # global tokens per optimizer step
+    micro_batch_tokens: int = 4096          # tokens one GPU holds per forward/backward (memory bound)
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = 1         # DeepSpeed-Ulysses group size (consecutive ranks)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then a cosine / linear decay to min_lr_ratio * lr, or constant."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0                  # 0 disables clipping
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                          # optimizer steps between checkpoints; 0: only at the end
+    final: bool = True                      # checkpoint after the last step (false: benchmarks)
+    keep_last: int = 2                      # complete checkpoints kept (older ones are deleted)
+    save_dtype: str | None = None           # dtype of model/*.safetensors; None: the training dtype
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"                   # wandb | none (metrics.jsonl and the console always)
+    project: str = "powerattn"
+    entity: str | None = None
+    mode: str = "auto"                      # auto (online only with credentials) | online | offline
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FinalEvalConfig:
+    """Quick passkey check after the last step (powerattn.evaluation.quick_passkey)."""
+
+    enabled: bool = True
+    lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    samples: int = 2
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "tiny"
+    output_dir: str = "outputs/tiny"
+    seed: int = 0
+    precision: str = "auto"                 # auto: bf16 on CUDA, fp32 on CPU
+    resume: str = "auto"                    # auto: from output_dir's latest checkpoint | none | a step dir
+    max_nonfinite_in_row: int = 5           # stop after this many consecutive steps with a non-finite loss
+    progress: bool = True                   # tqdm bar on rank 0 in a terminal (else one line per step)
+    peak_tflops: float | None = None        # per-GPU peak for MFU; None: looked up from the GPU name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pattern: dict[str, Any] = field(default_factory=lambda: {"name": "power"})
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+
+
+# --- building dataclasses from plain containers, with key paths in every error -------------------
+
+
+def build(cls, value, path: str = ""):
+    """Instance of dataclass `cls` from a mapping (checked recursively; errors name `path.key`)."""
+    if dataclasses.is_dataclass(value) and isinstance(value, cls):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} fields, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, item in value.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{where}'{hint}; {path or 'the top level'} takes {known}")
+        kwargs[key] = _convert(hints[key], item, where)
+    return cls(**kwargs)
+
+
+def _convert(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config schema: unsupported annotation {tp} at {where}")
+
+
+def to_container(cfg) -> dict:
+    """A plain dict from a Hydra/OmegaConf config (interpolations resolved) or a dict."""
+    if hasattr(cfg, "_metadata"):
+        from omegaconf import OmegaConf
+
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except Exception as e:  # an interpolation pointing nowhere, e.g. ${oc.env:UNSET}
+            raise ConfigError(f"config: cannot resolve {e}") from None
+    return dict(cfg)
+
+
+def load_config(cfg) -> TrainConfig:
+    """Validated TrainConfig from the composed Hydra config (or a dict); raises ConfigError."""
+    raw = to_container(cfg)
+    raw.pop("hydra", None)
+    out = build(TrainConfig, raw)
+    validate(out)
+    return out
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no files, processes or devices (those follow in the trainer)."""
+    from powerattn.ops import BACKENDS
+
+    _check(cfg.precision in PRECISIONS, "precision", f"{cfg.precision!r} is not one of {PRECISIONS}")
+    _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name",
+           f"{cfg.run_name!r} must be a plain name")
+    _check(cfg.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", "must be >= 1")
+    _check(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 or null")
+
+    m = cfg.model
+    _check(m.path is not None or m.arch is not None, "model", "set model.path (an HF folder) or model.arch")
+    _check(m.attention_backend in BACKENDS, "model.attention_backend",
+           f"{m.attention_backend!r} is not one of {BACKENDS}")
+    _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", "must be >= 1")
+    _check(m.max_position_embeddings is None or m.max_position_embeddings >= 1,
+           "model.max_position_embeddings", "must be >= 1")
+    _check(m.rope_theta is None or m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    num_layers = None
+    if m.arch is not None:
+        num_layers = arch_config(m.arch, vocab_size=m.arch.get("vocab_size") or 32000).num_hidden_layers
+    validate_pattern(cfg.pattern, num_layers)
+
+    stages = cfg.curriculum.stages
+    _check(len(stages) > 0, "curriculum.stages", "needs at least one stage")
+    sp = cfg.parallel.sequence_parallel_size
+    _check(sp >= 1, "parallel.sequence_parallel_size", "must be >= 1")
+    for i, s in enumerate(stages):
+        key = f"curriculum.stages[{i}]"
+        _check(s.seq_len >= 1, f"{key}.seq_len", f"must be >= 1, got {s.seq_len}")
+        _check(s.seq_len % sp == 0, f"{key}.seq_len",
+               f"{s.seq_len} must be divisible by parallel.sequence_parallel_size={sp}")
+        _check((s.steps is None) != (s.tokens is None), key, "set exactly one of steps and tokens")
+        _check((s.steps or 1) >= 1 and (s.tokens or 1) >= 1, key, "steps / tokens must be >= 1")
+        _check(s.tokens_per_step is None or s.tokens_per_step >= 1, f"{key}.tokens_per_step", "must be >= 1")
+        _check(s.rope_theta is None or s.rope_theta > 0, f"{key}.rope_theta", "must be > 0")
+    _check(cfg.data.seq_len == stages[0].seq_len, "data.seq_len",
+           f"{cfg.data.seq_len} differs from curriculum.stages[0].seq_len={stages[0].seq_len}; the "
+           "curriculum sets the sequence length (leave data.seq_len at its default interpolation)")
+    _check(cfg.batch.tokens_per_step >= 1, "batch.tokens_per_step", "must be >= 1")
+    _check(cfg.batch.micro_batch_tokens >= 1, "batch.micro_batch_tokens", "must be >= 1")
+
+    for key, source in DERIVED_DEEPSPEED_KEYS.items():
+        _check(key not in cfg.deepspeed, f"deepspeed.{key}", f"is derived from {source}; set that instead")
+    zero = cfg.deepspeed.get("zero_optimization") or {}
+    _check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3),
+           "deepspeed.zero_optimization.stage",
+           f"must be 0, 1, 2 or 3, got {zero.get('stage') if isinstance(zero, dict) else zero!r}")
+
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           "must be two values in [0, 1)")
+    _check(o.eps > 0 and o.weight_decay >= 0 and o.grad_clip >= 0, "optim",
+           "eps must be > 0, weight_decay and grad_clip >= 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.schedule in LR_SCHEDULES, "optim.schedule", f"{o.schedule!r} is not one of {LR_SCHEDULES}")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(c.save_dtype is None or c.save_dtype in SAVE_DTYPES, "checkpoint.save_dtype",
+           f"{c.save_dtype!r} is not one of {SAVE_DTYPES} or null")
+    from powerattn.model.hf_io import parse_size
+
+    try:
+        parse_size(c.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.max_shard_size: {e}") from None
+
+    lg = cfg.logger
+    _check(lg.backend in ("wandb", "none"), "logger.backend", f"{lg.backend!r} is not 'wandb' or 'none'")
+    _check(lg.mode in ("auto", "online", "offline"), "logger.mode",
+           f"{lg.mode!r} is not auto, online or offline")
+    fe = cfg.final_eval
+    _check(all(n >= 16 for n in fe.lengths), "final_eval.lengths", "lengths must be >= 16 tokens")
+    _check(all(0 <= d <= 1 for d in fe.depths), "final_eval.depths", "depths must lie in [0, 1]")
+    _check(fe.samples >= 1, "final_eval.samples", "must be >= 1")
+
+
+def validate_pattern(pattern: dict, num_layers: int | None) -> None:
+    """`pattern` = {name, schedule, **params of make_pattern}; raises ConfigError naming the bad key."""
+    from powerattn.model import resolve_attention_schedule
+
+    try:
+        make_pattern_from(pattern)
+        if num_layers is not None:
+            resolve_attention_schedule(pattern.get("schedule"), num_layers)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"pattern: {e}") from None
+
+
+def make_pattern_from(pattern: dict):
+    """The powerattn Pattern a `pattern` config section describes (its `schedule` key excluded)."""
+    from powerattn.patterns import make_pattern
+
+    params = {k: v for k, v in pattern.items() if k not in ("name", "schedule")}
+    if "name" not in pattern:
+        raise ValueError("missing 'name' (e.g. power, sliding_window, full)")
+    return make_pattern(pattern["name"], **params)
+
+
+def arch_config(arch: dict, **overrides):
+    """LlamaConfig from a `model.arch` mapping (config.json names); errors name model.arch."""
+    from powerattn.model import LlamaConfig
+
+    values = {**arch, **{k: v for k, v in overrides.items() if v is not None}}
+    known = {f.name for f in dataclasses.fields(LlamaConfig)} - {"hf_extra"}
+    bad = sorted(set(values) - known)
+    if bad:
+        raise ConfigError(f"model.arch: unknown field(s) {bad}; LlamaConfig takes {sorted(known)}")
+    try:
+        return LlamaConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"model.arch: {e}") from None

@@ -1,0 +1,104 @@
+"""Process layout: torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU), the device of
+each rank, and DeepSpeed's sequence-parallel groups (consecutive ranks form one Ulysses group).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from powerattn.training.config import ConfigError
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    sp_size: int = 1
+    sp_rank: int = 0
+    sp_group: Any = None       # the Ulysses process group (None without sequence parallelism)
+    mpu: Any = None            # DeepSpeed's parallel_state_sp module, handed to deepspeed.initialize
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if torch_dist.is_initialized() and self.world_size > 1:
+            torch_dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on at least one."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def sum(self, value: float, group: Any = None) -> float:
+        """Sum of a host float over all ranks (or over `group`)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t, group=group)
+        return float(t.item())
+
+    def max(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return float(t.item())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(sp_size: int = 1) -> Dist:
+    """Join (or, run as plain `python`, create) the process group and build the Ulysses groups."""
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = int(os.environ["WORLD_SIZE"])
+    if world % sp_size:
+        raise ConfigError(f"parallel.sequence_parallel_size={sp_size} does not divide the {world} processes")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+
+    import deepspeed
+
+    # DeepSpeed calls these deprecated torch collectives on every ZeRO step; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    deepspeed.init_distributed(dist_backend=backend)
+    out = Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device, sp_size=sp_size)
+    if sp_size > 1:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+        mpu.initialize_sequence_parallel(sp_size)
+        out.mpu, out.sp_group = mpu, mpu.get_sequence_parallel_group()
+        out.sp_rank = mpu.get_sequence_parallel_rank()
+    return out

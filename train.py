@@ -1,0 +1,133 @@
+"""Continued pretraining with PowerAttention on DeepSpeed (guide: docs/training.md).
+
+    python train.py                                              # embedded tiny run, CPU or GPU, minutes
+    torchrun --nproc_per_node 8 train.py +experiment=llama_128k  # one node; launch/ for more
+    python train.py +experiment=llama_128k --cfg job             # print the composed config
+
+Each line of main() is one component of powerattn.training; together they are one training step
+after another, with the curriculum, checkpoints and graceful stops around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from data import build_loader
+from powerattn.training import (
+    Checkpointer,
+    ConfigError,
+    FlopCounter,
+    MetricsLogger,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    StopRequest,
+    apply_stage_context,
+    build_engine,
+    build_model,
+    capture_rng,
+    check_model,
+    deepspeed_config,
+    final_report,
+    init_distributed,
+    load_checkpoint,
+    load_config,
+    peak_flops,
+    peak_memory_gb,
+    plan_curriculum,
+    prepare_run_dir,
+    resolve_precision,
+    resolve_resume,
+    restore_rng,
+    set_stage_batch,
+    signature,
+    train_step,
+    write_checkpoint,
+)
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(composed: DictConfig) -> None:
+    try:
+        train(composed)
+    except (ConfigError, NonFiniteLossError) as e:  # a clear message, not a traceback
+        sys.exit(f"error: {e}")
+
+
+def train(composed: DictConfig) -> None:
+    # Setup: validate everything cheap first, then data, model, engine, and the resume point.
+    cfg = load_config(composed)
+    dist = init_distributed(cfg.parallel.sequence_parallel_size)
+    curriculum = plan_curriculum(cfg.curriculum.stages, cfg.batch, dist.dp_size, dist.sp_size)
+    run_dir = prepare_run_dir(cfg, composed, dist)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, dist.rank, dist.barrier)
+    resume, state = resolve_resume(cfg, ckpt, signature(cfg, dist))
+    stage = curriculum.stage_at(state.step)
+
+    data_cfg = dataclasses.replace(cfg.data, seq_len=stage.seq_len)
+    loader, tokenizer = build_loader(data_cfg, stage.micro_batch_size, dist.rank, dist.world_size,
+                                     dist.sp_size)
+    arch = check_model(cfg, tokenizer.vocab_size, dist.sp_size)  # reads config.json only
+    precision, dtype = resolve_precision(cfg.precision, dist.device)
+    ds_config = deepspeed_config(cfg, stage, precision)
+    lm = build_model(cfg, arch, tokenizer.bos_id, tokenizer.eos_id, ds_config, dtype, dist.device)
+    engine = build_engine(lm, cfg, ds_config, dist, curriculum.total_steps)
+    if resume is not None:
+        load_checkpoint(engine, resume)
+        loader.load_state_dict(state.loader)
+        restore_rng(state.rng)
+
+    log = MetricsLogger(cfg, run_dir, dist.is_main, curriculum.total_steps, state.step,
+                        peak_flops(dist.device, cfg.peak_tflops), dist.world_size, state.wandb_id)
+    state.wandb_id = log.wandb_id
+    log.message(f"run folder {run_dir}; {dist.world_size} process(es), sequence parallel {dist.sp_size}, "
+                f"{precision}; " + (f"resuming {resume} at step {state.step}" if resume else "from scratch"))
+    log.message(curriculum.describe())
+    flops_of = FlopCounter(lm.config, lm.layer_patterns)
+    guard = NonFiniteGuard(cfg.max_nonfinite_in_row, state.nonfinite_in_row)
+    stop = StopRequest(run_dir / "STOP")
+
+    def save():
+        state.loader, state.rng, state.nonfinite_in_row = loader.state_dict(), capture_rng(), guard.in_row
+        write = lambda folder: write_checkpoint(folder, engine, lm, tokenizer.path, cfg.checkpoint.save_dtype,
+                                                cfg.checkpoint.max_shard_size)
+        return ckpt.save(state.step, write, state)
+
+    # The loop: stage switches, one optimizer step, bookkeeping, checkpoints, graceful stops.
+    current, saved = None, ckpt.latest()
+    while state.step < curriculum.total_steps:
+        stage = curriculum.stage_at(state.step)
+        if stage != current:
+            loader.set_seq_len(stage.seq_len, stage.micro_batch_size)
+            set_stage_batch(engine, stage, dist.dp_size)
+            if apply_stage_context(lm, curriculum, stage):
+                log.message(f"stage {stage.index}: RoPE theta {lm.config.rope_theta:g}, "
+                            f"max_position_embeddings {lm.config.max_position_embeddings}")
+            current = stage
+        result = train_step(engine, loader, stage, dist, flops_of)
+        state.step, state.stage = state.step + 1, stage.index
+        state.tokens += result.tokens
+        state.skipped_steps += not result.applied
+        log.log(state.step, stage, result, state.tokens, state.skipped_steps, peak_memory_gb(dist.device))
+        guard.update(result, state.step)
+        stopping = stop.requested(dist)
+        if stopping or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+            saved = save()
+        if stopping:
+            log.message(f"stopped by {stop.reason or 'another rank'} after step {state.step}; checkpoint "
+                        f"{saved}; run the same command to resume")
+            stop.clear(dist)
+            log.close()
+            return
+
+    if cfg.checkpoint.final and (saved is None or Checkpointer.read_state(saved).step != state.step):
+        saved = save()
+    log.close()
+    final_report(lm, tokenizer, cfg, saved and saved / "model", log.message)
+
+
+if __name__ == "__main__":
+    main()
