@@ -37,7 +37,7 @@ class TrainerState:
 
     step: int = 0                       # optimizer steps done
     stage: int = 0
-    tokens: int = 0                     # tokens trained on (global)
+    tokens: int = 0                     # tokens consumed, all ranks (skipped steps included)
     skipped_steps: int = 0              # steps without an optimizer update (non-finite loss)
     nonfinite_in_row: int = 0
     loader: dict = field(default_factory=dict)

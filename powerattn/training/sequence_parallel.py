@@ -49,8 +49,10 @@ class UlyssesAttention(Attention):
         q = apply_rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim), batch.cos, batch.sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), batch.cos, batch.sin)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
-        # batch_dim_idx=0: [b, s, h, d] layout; scatter heads (2), gather the sequence (1).
-        y = self.ulysses(q, k, v, 0, None, self.pattern, batch.cu_seqlens, batch.max_seqlen, self.backend)
+        # batch_dim_idx=0: [b, s, h, d] layout; scatter heads (2), gather the sequence (1). Keywords reach
+        # the core unchanged in every DeepSpeed version (positional extras shifted when rotary_pos_emb came).
+        y = self.ulysses(q, k, v, 0, pattern=self.pattern, cu_seqlens=batch.cu_seqlens,
+                         max_seqlen=batch.max_seqlen, backend=self.backend)
         return self.o_proj(y.reshape(b, s, -1))
 
 
