@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from powerattn.kernels.forward import rows_descriptor
+from powerattn.kernels.forward import rows_descriptor, sequence_bounds
 from powerattn.patterns import BlockTables
 
 
@@ -90,16 +90,7 @@ def _dkdv_kernel(
         pid_bh = rest // (n_tiles - n_heavy)
     pid_n = tl.load(order + rank)
     kv_head = pid_bh % n_kv_heads
-    if VARLEN:  # int64 whole-tensor offsets, as in the forward
-        batch = tl.zeros([], dtype=tl.int64)
-        row0 = tl.load(cu_seqlens + pid_bh // n_kv_heads)
-        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - row0
-        start = row0.to(tl.int64)
-    else:
-        batch = (pid_bh // n_kv_heads).to(tl.int64)
-        row0 = (pid_bh // n_kv_heads) * seq_len  # first row of this sequence in the [b * s, h * d] view
-        start = tl.zeros([], dtype=tl.int64)
-        seqlen = seq_len
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,16 +157,7 @@ def _dq_kernel(
     pid_bh = tl.program_id(1)
     n_kv_heads = n_heads // GROUP
     head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
-    if VARLEN:
-        batch = tl.zeros([], dtype=tl.int64)
-        row0 = tl.load(cu_seqlens + pid_bh // n_kv_heads)
-        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - row0
-        start = row0.to(tl.int64)
-    else:
-        batch = (pid_bh // n_kv_heads).to(tl.int64)
-        row0 = (pid_bh // n_kv_heads) * seq_len
-        start = tl.zeros([], dtype=tl.int64)
-        seqlen = seq_len
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
     col = (head // GROUP) * HEAD_DIM

@@ -44,6 +44,20 @@ def _tile_update(acc, m_i, l_i, q, k_desc, v_desc, row0, col, first, offs_m, seq
 
 
 @triton.jit
+def sequence_bounds(cu_seqlens, seq, seq_len, VARLEN: tl.constexpr):
+    """(batch, first row in the [b * s, h * d] view, start offset, length) of sequence/document `seq`.
+
+    Batch and start are int64: batch * stride and position * stride pass 2^31 at long context.
+    """
+    if VARLEN:  # packed documents of one batch row
+        row0 = tl.load(cu_seqlens + seq)
+        seqlen = tl.load(cu_seqlens + seq + 1) - row0
+        return tl.zeros([], dtype=tl.int64), row0, row0.to(tl.int64), seqlen
+    else:
+        return seq.to(tl.int64), seq * seq_len, tl.zeros([], dtype=tl.int64), seq_len
+
+
+@triton.jit
 def _fwd_kernel(
     Q, k_desc, v_desc, O, LSE, kv_ptr, kv_idx, kv_full, cu_seqlens,
     seq_len, n_heads, qk_scale,
@@ -60,17 +74,7 @@ def _fwd_kernel(
     pid_bh = tl.program_id(1)  # sequence * n_kv_heads + kv head
     n_kv_heads = n_heads // GROUP
     head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
-    # Whole-tensor offsets in int64: batch * stride and position * stride pass 2^31 at long context.
-    if VARLEN:
-        batch = tl.zeros([], dtype=tl.int64)
-        start = tl.load(cu_seqlens + pid_bh // n_kv_heads)
-        seqlen = tl.load(cu_seqlens + pid_bh // n_kv_heads + 1) - start
-        row0 = start
-    else:
-        batch = (pid_bh // n_kv_heads).to(tl.int64)
-        start = 0
-        seqlen = seq_len
-        row0 = (pid_bh // n_kv_heads) * seq_len  # first row of this sequence in the [b * s, kv_heads * d] view
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
     col = (head // GROUP) * HEAD_DIM
