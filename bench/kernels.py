@@ -67,6 +67,7 @@ def bench_length(pat, s, heads, kv_heads, d, dtype, device, smoke, dense_max, fl
     fwd_flop = 4 * pairs * d * heads
     row = {"seq_len": s, "head_dim": d, "attended_pairs": pairs, "density": pat.density(s)}
     backend = "torch" if smoke else "triton"
+    row["sparse_backend"] = backend  # the "triton" columns hold the torch backend in --smoke runs
     row["triton"] = fwd_bwd_timers(lambda a, b, c: powerattn.sparse_attention(a, b, c, pat, backend=backend),
                                    q, k, v, smoke)
     if flex:

@@ -69,11 +69,7 @@ def sparse_attention(
     the longest document, spares the Triton backend a device sync when given.
     """
     _check_inputs(q, k, v, pattern, cu_seqlens)
-    if backend not in BACKENDS:
-        raise ValueError(f"sparse_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend == "auto":
-        backend = _auto_backend(q, pattern)
+    backend, scale = _resolve("sparse_attention", backend, scale, q, pattern)
     if backend == "triton":
         from powerattn.kernels import triton_attention
 
@@ -108,11 +104,7 @@ def decode_attention(
         raise ValueError(
             f"decode_attention: cache_seqlens must have shape ({q.shape[0]},), got {tuple(cache_seqlens.shape)}"
         )
-    if backend not in BACKENDS:
-        raise ValueError(f"decode_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend == "auto":
-        backend = _auto_backend(q, pattern)
+    backend, scale = _resolve("decode_attention", backend, scale, q, pattern)
     if backend == "triton":
         from powerattn.kernels import triton_decode
 
@@ -120,12 +112,18 @@ def decode_attention(
     return decode_reference(q, k_cache, v_cache, pattern, cache_seqlens, scale)
 
 
-def _auto_backend(q: Tensor, pattern: Pattern) -> str:
+def _resolve(caller: str, backend: str, scale: float | None, q: Tensor, pattern: Pattern) -> tuple[str, float]:
+    """Validated backend ("auto": triton on CUDA where supported, else flex; torch on CPU) and scale."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{caller}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend != "auto":
+        return backend, scale
     if not q.is_cuda:
-        return "torch"
+        return "torch", scale
     from powerattn.kernels import triton_supports
 
-    return "triton" if triton_supports(q, pattern) else "flex"
+    return ("triton" if triton_supports(q, pattern) else "flex"), scale
 
 
 # FlexAttention: the BlockMask comes from the pattern's own tables and its mask_mod from token_rule.

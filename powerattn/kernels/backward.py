@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from powerattn.kernels.forward import rows_descriptor, sequence_bounds
+from powerattn.kernels.forward import query_tile_program, rows_descriptor, sequence_bounds
 from powerattn.patterns import BlockTables
 
 
@@ -152,12 +152,8 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    # Same program order as the forward: a GQA group's heads adjacent, longest rows first.
-    pid_m = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
-    pid_bh = tl.program_id(1)
-    n_kv_heads = n_heads // GROUP
-    head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
-    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
+    pid_m, pid_bh, head = query_tile_program(n_heads, GROUP)  # the forward's program order
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // (n_heads // GROUP), seq_len, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
     col = (head // GROUP) * HEAD_DIM

@@ -58,6 +58,20 @@ def sequence_bounds(cu_seqlens, seq, seq_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def query_tile_program(n_heads, GROUP: tl.constexpr):
+    """(query tile, sequence * n_kv_heads + kv head, head) of this program in the forward / dQ grid.
+
+    Axis 0 runs over (query tile, head of the GQA group) with the group's heads adjacent, so the
+    programs sharing a K/V tile run together and it comes from L2 once per group; query tiles
+    are handed out from the end of the sequence, longest rows first.
+    """
+    pid_m = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
+    pid_bh = tl.program_id(1)
+    head = (pid_bh % (n_heads // GROUP)) * GROUP + tl.program_id(0) % GROUP
+    return pid_m, pid_bh, head
+
+
+@triton.jit
 def _fwd_kernel(
     Q, k_desc, v_desc, O, LSE, kv_ptr, kv_idx, kv_full, cu_seqlens,
     seq_len, n_heads, qk_scale,
@@ -67,14 +81,8 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    # Axis 0 runs over (query tile, head of the GQA group) with the group's heads adjacent, so the
-    # programs sharing a K/V tile run together and it comes from L2 once per group; query tiles
-    # are handed out from the end of the sequence, longest rows first.
-    pid_m = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
-    pid_bh = tl.program_id(1)  # sequence * n_kv_heads + kv head
-    n_kv_heads = n_heads // GROUP
-    head = (pid_bh % n_kv_heads) * GROUP + tl.program_id(0) % GROUP
-    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
+    pid_m, pid_bh, head = query_tile_program(n_heads, GROUP)
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // (n_heads // GROUP), seq_len, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
     col = (head // GROUP) * HEAD_DIM
