@@ -8,6 +8,9 @@
 #                                      # dilated, longnet: tokens/s, MFU (sparse FLOPs as executed), memory
 #   bash bench/gpu_train.sh OUT 2gpu   # two H200, ~5 min: the 1B shape with ZeRO-3 + SP=2 at 128K; and the
 #                                      # loss curve of SP=2 (2 GPUs) against SP=1 (1 GPU) at 16K
+#   bash bench/gpu_train.sh OUT long   # one GPU (H200: 139 GiB), ~8 min: +experiment=llama_128k on the 1B shape
+#                                      # through launch/torchrun.sh (ZeRO-3, SP=1): power vs full at 128K and
+#                                      # 256K, and power at 512K (the longest length that fits one GPU)
 #
 # Data: the built-in synthetic corpus with ~200K-token documents (so rows are single long documents and
 # attention costs what it costs at the full length). Every command runs under `timeout -s KILL`; a failed or
@@ -38,7 +41,8 @@ TOK=$(python -c "from data import default_tokenizer; print(default_tokenizer('.c
 COMMON=(logger=none progress=false final_eval.enabled=false checkpoint.final=false precision=bf16
         "data.tokenizer=$TOK" data.synthetic.num_docs=12 data.synthetic.min_sentences=24000
         data.synthetic.max_sentences=24000)
-ONE_B=(model=llama3_1b model.attention_backend=triton pattern.block_size=256 curriculum=constant)
+# lr 3e-4: the tiny default's 3e-3 makes a 1B model's loss jump in its first steps.
+ONE_B=(model=llama3_1b model.attention_backend=triton pattern.block_size=256 curriculum=constant optim.lr=3e-4)
 
 run() {  # name timeout_seconds command...
     local name=$1 limit=$2 start rc
@@ -66,8 +70,8 @@ for name in names:
                   "tokens_per_s": med("tokens_per_s"), "mfu": med("mfu"),
                   "peak_mem_gb": max((r["peak_mem_gb"] for r in recs), default=None),
                   "losses": [round(r["loss"], 5) for r in recs]}
-full = next((v for k, v in rows.items() if k.endswith("_full")), None)
-for v in rows.values():
+for name, v in rows.items():  # against full at the same model and length: 1b_32k_power vs 1b_32k_full
+    full = rows.get("_".join(name.split("_")[:2]) + "_full")
     if full and full["tokens_per_s"] and v["tokens_per_s"]:
         v["speedup_vs_full"] = v["tokens_per_s"] / full["tokens_per_s"]
 if "sp2_16k" in rows and "sp1_16k" in rows:
@@ -99,7 +103,23 @@ elif [ "$MODE" = 2gpu ]; then
         parallel.sequence_parallel_size=2 "output_dir=$OUT/runs/sp2_16k"
     run sp1_16k 120 env CUDA_VISIBLE_DEVICES=0 python train.py "${short[@]}" "output_dir=$OUT/runs/sp1_16k"
     summarize 2gpu sp2_128k sp2_16k sp1_16k
+elif [ "$MODE" = long ]; then
+    # Documents of ~530K tokens, so every row up to 512K is one document and attention costs its full length.
+    long=("${ONE_B[@]}" "${COMMON[@]}" data=default data.synthetic.num_docs=6 data.synthetic.min_sentences=64000
+          data.synthetic.max_sentences=64000 deepspeed=zero3 parallel.sequence_parallel_size=1 checkpoint.every=0)
+    names=()
+    # Most expendable last: the call that runs this may stop at its own time limit.
+    for spec in power:131072:3:120 full:131072:3:150 power:262144:3:120 power:524288:3:180 full:262144:2:220; do
+        IFS=: read -r p len steps limit <<< "$spec"
+        name="1b_$((len / 1024))k_$p"
+        run "$name" "$limit" env NPROC=1 launch/torchrun.sh +experiment=llama_128k "${long[@]}" "pattern=$p" \
+            curriculum.stages.0.seq_len="$len" curriculum.stages.0.steps="$steps" batch.tokens_per_step="$len" \
+            batch.micro_batch_tokens="$len" "output_dir=$OUT/runs/$name"
+        names+=("$name")
+        summarize long "${names[@]}" > /dev/null  # after each run, so a cut-off call still has a summary
+    done
+    cat "$OUT/summary_long.json"
 else
-    echo "unknown mode $MODE (1gpu | 2gpu)" >&2
+    echo "unknown mode $MODE (1gpu | 2gpu | long)" >&2
     exit 2
 fi
