@@ -51,6 +51,8 @@ run() {  # name timeout_seconds command...
     start=$(date +%s)
     timeout -s KILL "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
+    # timeout kills the launcher, not necessarily its workers: clear any that still hold the GPU.
+    [ "$rc" -eq 0 ] || { pkill -9 -f "python.* train.py" 2>/dev/null; sleep 2; }
     echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/status.txt"
     grep -E "^(step|error|model:|passkey)" "$OUT/$name.log" | tail -n 4
 }
