@@ -126,7 +126,7 @@ def bench_decode(pat, cache_len, heads, kv_heads, d, dtype, device) -> dict:
 def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
     """Milliseconds of each backward kernel (delta, dK/dV, dQ) with the tuned configs."""
     from powerattn.kernels import _forward, device_tables
-    from powerattn.kernels.backward import launch_delta, launch_dkdv, launch_dq
+    from powerattn.kernels.backward import heavy_first_schedule, launch_delta, launch_dkdv, launch_dq
     from powerattn.kernels.tuning import pick_config
 
     make = lambda h: torch.randn(1, s, h, d, device="cuda", dtype=dtype)  # noqa: E731
@@ -145,6 +145,13 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
         cfg = pick_config(kind, q, k, pat, s, run)
         times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
         times[f"{kind}_config"] = cfg
+    # dK/dV at other cuts of the heavy columns (heavy_first_schedule's factor; 1e9: nothing cut).
+    cfg = times["dkdv_config"]
+    tables = device_tables(pat, s, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device)
+    for factor in (2.0, 8.0, 1e9):
+        sched = heavy_first_schedule(tables, factor)
+        times[f"dkdv_cut_{factor:g}"] = median_ms(
+            lambda sched=sched: launch_dkdv(q, k, v, do, lse, delta, tables, sched, None, s, scale, cfg), False)
     return times
 
 

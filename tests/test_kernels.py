@@ -4,6 +4,7 @@ On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set here before tri
 at small shapes in fp32/fp16; the `gpu` tests repeat them in bf16 at realistic sizes.
 """
 
+import math
 import os
 
 import pytest
@@ -175,12 +176,65 @@ def test_gpu_decode_bf16(name):
 
 
 
-def test_heavy_first_schedule_covers_every_tile_once():
-    from powerattn.kernels.backward import heavy_first_order
+def test_heavy_first_schedule_cuts_the_sink_columns_and_covers_every_entry_once():
+    from powerattn.kernels.backward import heavy_first_schedule
 
     t = powerattn.make_pattern("power", block_size=32, window=2).tables(4096, 16, 16)
-    order, n_heavy = heavy_first_order(t)
+    sched = heavy_first_schedule(t)
     lens = t.q_ptr[1:] - t.q_ptr[:-1]
-    assert sorted(order.tolist()) == list(range(lens.numel()))
-    assert n_heavy == 2 and set(order[:2].tolist()) == {0, 1}  # the sink block's two tiles
-    assert order[n_heavy:].tolist() == sorted(order[n_heavy:].tolist())
+    cap = math.ceil(4 * lens.float().mean().item())
+    items = sched.items.tolist()
+    assert sched.split_tiles.tolist() == [0, 1]  # the sink block's two tiles, and only they
+    assert {tile for tile, _, _ in items[: sched.n_pieces]} == {0, 1}
+    assert all(0 < last - first <= cap for _, first, last in items[: sched.n_pieces])
+    whole = [tile for tile, _, _ in items[sched.n_pieces :]]
+    assert whole == sorted(whole) and set(whole) == set(range(2, lens.numel()))
+    for tile in range(lens.numel()):  # each column's slices tile it exactly, in order
+        slices = [(first, last) for x, first, last in items if x == tile]
+        assert slices[0][0] == t.q_ptr[tile] and slices[-1][1] == t.q_ptr[tile + 1]
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    for i, tile in enumerate(sched.split_tiles.tolist()):
+        assert all(items[j][0] == tile for j in range(sched.split_ptr[i], sched.split_ptr[i + 1]))
+
+
+@pytest.fixture
+def split_every_long_column(monkeypatch):
+    """Cut every key column longer than the mean, so small tests run the piece + reduce path for real."""
+    import powerattn.kernels as kernels
+    from powerattn.kernels import backward
+
+    made = []
+
+    def schedule(tables, factor=4.0):
+        made.append(heavy_first_schedule(tables, factor=1.0))
+        return made[-1]
+
+    heavy_first_schedule = backward.heavy_first_schedule
+    monkeypatch.setattr(backward, "heavy_first_schedule", schedule)
+    monkeypatch.setattr(kernels, "_SCHEDULES", {})
+    yield made
+    assert made and all(s.n_pieces > 0 for s in made), "the test never ran a split column"
+
+
+@pytest.mark.parametrize("name", ["power", "stride_slash", "longnet"])
+def test_split_columns_gqa_fp32(name, poisoned, split_every_long_column):
+    run_and_compare(powerattn.make_pattern(name, **SMALL[name]), 2, 90, 8, 2, 32, torch.float32, "cpu")
+
+
+def test_split_columns_varlen_and_long_table_bucket(poisoned, split_every_long_column):
+    # Pieces of a column that lies past a short document's end, and pieces past its last query tile.
+    cu = torch.tensor([0, 20, 21, 150], dtype=torch.int32)
+    run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 1, 150, 4, 1, 16, torch.float32, "cpu",
+                    cu=cu, max_seqlen=300)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_split_columns_deterministic(split_every_long_column):
+    pat = powerattn.make_pattern("power", block_size=256)
+    cu = torch.tensor([0, 3000, 3001, 9000], dtype=torch.int32, device="cuda")
+    torch.manual_seed(2)
+    _, grads = run_and_compare(pat, 1, 9000, 16, 4, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
+    torch.manual_seed(2)
+    _, again = run_and_compare(pat, 1, 9000, 16, 4, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
+    for g, a in zip(grads, again):
+        assert torch.equal(g, a), "backward must be deterministic"

@@ -59,16 +59,16 @@ def device_tables(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, d
     return _DEVICE_TABLES[key]
 
 
-_SCHEDULES: dict[tuple, tuple[Tensor, int]] = {}
+_SCHEDULES: dict[tuple, object] = {}
 
 
-def dkdv_schedule(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, device) -> tuple[Tensor, int]:
-    """Cached heavy-first key-tile order for the dK/dV kernel (see backward.heavy_first_order)."""
-    from powerattn.kernels.backward import heavy_first_order
+def dkdv_schedule(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, device):
+    """Cached work items of the dK/dV kernel (see backward.heavy_first_schedule)."""
+    from powerattn.kernels.backward import heavy_first_schedule
 
     key = (pattern, _table_length(max_seqlen, pattern.block_size), tile_m, tile_n, str(device))
     if key not in _SCHEDULES:
-        _SCHEDULES[key] = heavy_first_order(device_tables(pattern, max_seqlen, tile_m, tile_n, device))
+        _SCHEDULES[key] = heavy_first_schedule(device_tables(pattern, max_seqlen, tile_m, tile_n, device))
     return _SCHEDULES[key]
 
 

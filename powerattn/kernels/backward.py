@@ -2,11 +2,17 @@
 
 dK/dV: one program owns one key tile of one KV head and walks the transposed table (the query
 tiles that read it) for every query head of its GQA group, so the group's reduction happens in
-registers: no atomics, no float32 copy of K/V per head. dQ: one program owns one query tile and
-walks the forward table. Both recompute P from the saved base-2 log-sum-exp; deterministic.
+registers: no atomics, no float32 copy of K/V per head. A few key tiles are read by far more
+query tiles than the rest (the sink block: every query tile); their columns are cut into pieces,
+one program each, whose float32 partial sums a small kernel adds in a fixed order. dQ: one
+program owns one query tile and walks the forward table. Both recompute P from the saved base-2
+log-sum-exp; everything is deterministic.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,8 +71,8 @@ def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, f
 
 @triton.jit
 def _dkdv_kernel(
-    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, q_ptr, q_idx, q_full, order, cu_seqlens,
-    seq_len, n_kv_heads, n_seq, n_tiles, n_heavy, qk_scale, sm_scale,
+    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, WS_DK, WS_DV, q_ptr, q_idx, q_full, items, cu_seqlens,
+    seq_len, n_kv_heads, n_seq, n_items, n_pieces, qk_scale, sm_scale,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh,
@@ -75,20 +81,21 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    # Schedule: the few key tiles read by far more query tiles than the rest (the sink block) go
-    # first, for every (sequence, KV head), so no long program starts late and runs alone at the
-    # end; then the others, neighbouring key tiles of one head together so their query tiles are
-    # shared in L2.
+    # Schedule (see heavy_first_schedule): the pieces of heavy columns first, for every (sequence,
+    # KV head), so no long program starts late and runs alone at the end; then whole columns,
+    # neighbouring key tiles of one head together so their query tiles are shared in L2.
     pid = tl.program_id(0)
     n_streams = n_seq * n_kv_heads
-    if pid < n_heavy * n_streams:
-        rank = pid // n_streams
+    if pid < n_pieces * n_streams:
+        item = pid // n_streams
         pid_bh = pid % n_streams
     else:
-        rest = pid - n_heavy * n_streams
-        rank = n_heavy + rest % (n_tiles - n_heavy)
-        pid_bh = rest // (n_tiles - n_heavy)
-    pid_n = tl.load(order + rank)
+        rest = pid - n_pieces * n_streams
+        item = n_pieces + rest % (n_items - n_pieces)
+        pid_bh = rest // (n_items - n_pieces)
+    pid_n = tl.load(items + 3 * item)
+    first = tl.load(items + 3 * item + 1)  # this program's slice [first, last) of the column in q_idx
+    last = tl.load(items + 3 * item + 2)
     kv_head = pid_bh % n_kv_heads
     batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
@@ -103,27 +110,65 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
+    # A column lists its full query tiles, then the diagonal ones from `mid`; each half ascends, so
+    # the tiles inside this sequence (the table may cover a longer one) are a prefix of each half.
     n_q_tiles = tl.cdiv(seqlen, BLOCK_M)
-    lo = tl.load(q_ptr + pid_n)
-    mid = lo + tl.load(q_full + pid_n)
-    hi = tl.load(q_ptr + pid_n + 1)
-    mid_valid = lo + _valid_count(q_idx, lo, mid, n_q_tiles, 64)
-    hi_valid = mid + _valid_count(q_idx, mid, hi, n_q_tiles, 64)
+    mid = tl.load(q_ptr + pid_n) + tl.load(q_full + pid_n)
+    full_hi = first + _valid_count(q_idx, first, tl.minimum(last, mid), n_q_tiles, 64)
+    diag_lo = tl.maximum(first, mid)
+    diag_hi = diag_lo + _valid_count(q_idx, diag_lo, last, n_q_tiles, 64)
     for g in range(GROUP):
         head = kv_head * GROUP + g
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
         delta_base = DELTA + (batch * n_kv_heads * GROUP + head) * seq_len + start
-        for j in range(lo, mid_valid):
+        for j in range(first, full_hi):
             dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
                                 tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, False)
-        for j in range(mid, hi_valid):
+        for j in range(diag_lo, diag_hi):
             dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
                                 tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, True)
 
-    dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    if item < n_pieces:  # a piece of a split column: partial sums to its workspace slot, unscaled
+        offs_r = tl.arange(0, BLOCK_N)
+        ws = ((item * n_streams + pid_bh).to(tl.int64) * BLOCK_N + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(WS_DK + ws, dk)
+        tl.store(WS_DV + ws, dv)
+    else:
+        dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks
+        dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs
+        tl.store(dk_ptrs + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dkdv_reduce_kernel(
+    WS_DK, WS_DV, DK, DV, split_tiles, split_ptr, cu_seqlens, seq_len, n_kv_heads, sm_scale,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr,
+):
+    # dK, dV of ROWS rows of one split key tile: its pieces' partial sums, added in piece order.
+    pid_bh = tl.program_id(1)
+    n_streams = tl.num_programs(1)
+    pid_n = tl.load(split_tiles + tl.program_id(0))
+    kv_head = pid_bh % n_kv_heads
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
+    if pid_n * BLOCK_N >= seqlen:  # the pieces skipped this column too, leaving their slots unwritten
+        return
+    offs_r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    dk = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for piece in range(tl.load(split_ptr + tl.program_id(0)), tl.load(split_ptr + tl.program_id(0) + 1)):
+        ws = ((piece * n_streams + pid_bh).to(tl.int64) * BLOCK_N + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+        dk += tl.load(WS_DK + ws)
+        dv += tl.load(WS_DV + ws)
+    offs_n = pid_n * BLOCK_N + offs_r
+    col_ok = offs_n < seqlen
+    dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks
+    dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs
+    tl.store(dk_ptrs + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -193,21 +238,54 @@ def launch_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: tuple[torch.Tensor, int], cu_seqlens,
-                max_seqlen: int, scale: float, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles.
+class DkdvSchedule(NamedTuple):
+    """The dK/dV kernel's work items: pieces of heavy key columns first, then whole columns."""
 
-    `schedule` = (key-tile order, number of heavy tiles at its front), from `heavy_first_order`.
+    items: torch.Tensor  # int32 [n_items, 3]: (key tile, first, last), a slice of the transposed table's q_idx
+    n_pieces: int  # the first n_pieces items are pieces of split columns, one workspace slot each
+    split_tiles: torch.Tensor  # int32 [n_split]: the split key tiles
+    split_ptr: torch.Tensor  # int32 [n_split + 1]: split tile i's pieces are items split_ptr[i]:split_ptr[i + 1]
+
+
+def heavy_first_schedule(tables: BlockTables, factor: float = 4.0) -> DkdvSchedule:
+    """Cut every key column longer than `factor` x the mean into near-equal pieces no longer than that.
+
+    The sink block's column holds every query tile: uncut, its program runs ~35x longer than an
+    ordinary one at 128K and ends the kernel alone. Pieces go first (longest column first), then
+    whole columns in tile order.
     """
+    q_ptr = tables.q_ptr.cpu().long()
+    lens = q_ptr[1:] - q_ptr[:-1]
+    cap = max(1, math.ceil(factor * lens.float().mean().item()))
+    heavy = torch.nonzero(lens > cap, as_tuple=True)[0]
+    heavy = heavy[torch.argsort(lens[heavy], descending=True, stable=True)].tolist()
+    pieces, split_ptr = [], [0]
+    for t in heavy:
+        n = -(-int(lens[t]) // cap)
+        cuts = [int(q_ptr[t]) + int(lens[t]) * i // n for i in range(n + 1)]
+        pieces += [(t, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+        split_ptr.append(len(pieces))
+    whole = [(t, int(q_ptr[t]), int(q_ptr[t + 1])) for t in torch.nonzero(lens <= cap, as_tuple=True)[0].tolist()]
+    as_int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=tables.q_ptr.device)
+    return DkdvSchedule(as_int32(pieces + whole).reshape(-1, 3), len(pieces), as_int32(heavy), as_int32(split_ptr))
+
+
+def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSchedule, cu_seqlens,
+                max_seqlen: int, scale: float, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles."""
     b, s, h, d = q.shape
     hkv = k.shape[2]
+    block_n = cfg["BLOCK_N"]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    order, n_heavy = schedule
-    _dkdv_kernel[(order.numel() * n_seq * hkv,)](
+    n_items = schedule.items.shape[0]
+    # One float32 [BLOCK_N, d] slot per (piece, sequence, KV head): ~10 MB at 128K with 8 KV heads.
+    ws_dk = torch.empty((schedule.n_pieces, n_seq * hkv, block_n, d), device=q.device, dtype=torch.float32)
+    ws_dv = torch.empty_like(ws_dk)
+    _dkdv_kernel[(n_items * n_seq * hkv,)](
         rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
-        tables.q_ptr, tables.q_idx, tables.q_full, order, cu_seqlens,
-        s, hkv, n_seq, order.numel(), n_heavy, scale * 1.4426950408889634, scale,
+        ws_dk, ws_dv, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
+        s, hkv, n_seq, n_items, schedule.n_pieces, scale * 1.4426950408889634, scale,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -215,17 +293,15 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: tuple[to
         lse.stride(0), lse.stride(1),
         GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
     )
+    if schedule.n_pieces:
+        rows = min(block_n, 32)
+        _dkdv_reduce_kernel[(schedule.split_tiles.numel(), n_seq * hkv, block_n // rows)](
+            ws_dk, ws_dv, dk, dv, schedule.split_tiles, schedule.split_ptr, cu_seqlens, s, hkv, scale,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            HEAD_DIM=d, BLOCK_N=block_n, ROWS=rows, VARLEN=cu_seqlens is not None, num_warps=4,
+        )
     return dk, dv
-
-
-def heavy_first_order(tables: BlockTables, factor: int = 4) -> tuple[torch.Tensor, int]:
-    """Key tiles whose column is over `factor` x the mean length first (longest first), then the rest in order."""
-    lens = (tables.q_ptr[1:] - tables.q_ptr[:-1]).cpu().long()
-    heavy = torch.nonzero(lens > factor * lens.float().mean(), as_tuple=True)[0]
-    heavy = heavy[torch.argsort(lens[heavy], descending=True, stable=True)]
-    light = torch.nonzero(lens <= factor * lens.float().mean(), as_tuple=True)[0]
-    order = torch.cat([heavy, light]).int().to(tables.q_ptr.device)
-    return order, int(heavy.numel())
 
 
 def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seqlen: int, scale: float,
