@@ -92,7 +92,7 @@ def train(composed: DictConfig) -> None:
 
     def save():
         state.loader, state.rng, state.nonfinite_in_row = loader.state_dict(), capture_rng(), guard.in_row
-        write = lambda folder: write_checkpoint(folder, engine, lm, tokenizer.path, cfg.checkpoint.save_dtype,
+        write = lambda folder: write_checkpoint(folder, engine, lm, tokenizer, cfg.checkpoint.save_dtype,
                                                 cfg.checkpoint.max_shard_size)
         return ckpt.save(state.step, write, state)
 

@@ -10,7 +10,7 @@ synthetic long-context tasks, and a resumable distributed loader.
 
 The batch format (labels masking at document starts, cu_seqlens over the flattened batch) is
 documented in `data.packing`; the stream definition (mixture, epochs, sharding) in `data.loader`.
-Offline preparation: `python -m data.prepare --input PATH_OR_GLOB --tokenizer tokenizer.model
+Offline preparation: `python -m data.prepare --input PATH_OR_GLOB --tokenizer MODEL_FOLDER
 --seq-len N --output DIR`; a prepared DIR is then usable as a source path.
 """
 

@@ -47,8 +47,9 @@ class DataConfig:
     """Everything the loader needs besides the tokenizer and the process layout.
 
     An empty `sources` list selects the embedded synthetic default (no network). `tokenizer` is a
-    sentencepiece `tokenizer.model` or a model folder holding one; None with the default data means
-    the sentencepiece model trained on the synthetic corpus and cached under `cache_dir`.
+    sentencepiece `tokenizer.model`, an HF `tokenizer.json` or a model folder holding one; None with
+    the default data means the sentencepiece model trained on the synthetic corpus and cached under
+    `cache_dir`.
     """
 
     sources: list[SourceConfig] = field(default_factory=list)

@@ -75,6 +75,7 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
         return Tokenizer.from_pretrained(cfg.tokenizer)
     if cfg.sources:
         raise ValueError(
-            "data.tokenizer must be set when data.sources are given (the model's tokenizer.model)"
+            "data.tokenizer must be set when data.sources are given (the model folder, or its tokenizer.model "
+            "or tokenizer.json)"
         )
     return default_tokenizer(cfg.cache_dir, cfg.synthetic)

@@ -4,7 +4,7 @@
         --tokenizer /models/llama2/tokenizer.model --seq-len 32768 --output /data/prepared
 
 Each --input (optionally NAME=PATH) becomes DIR/NAME/ (tokens.bin, doc_offsets.npy, meta.json);
-DIR/manifest.json lists them with their counts, and DIR/tokenizer.model is a copy of the tokenizer.
+DIR/manifest.json lists them with their counts, and DIR holds a copy of the tokenizer.
 Documents are stored in input order; packing into seq_len rows happens in the loader (with per-epoch
 shuffling), so one prepared folder serves every curriculum stage; the report shows how the corpus
 packs at --seq-len. Everything is written to a temporary sibling folder and renamed into place
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
     p.add_argument("--input", action="append", required=True, metavar="[NAME=]PATH_OR_GLOB",
                    help="file, glob, folder or hub id; repeat for several sources")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model (or a model folder)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model, tokenizer.json, or a model folder")
     p.add_argument("--seq-len", type=int, required=True, help="training row length to report on")
     p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--text-field", default="text")
@@ -105,7 +105,7 @@ def prepare(args: argparse.Namespace) -> Path:
             print(f"[prepare] {n}: {s.path}", flush=True)
             stores.append(build_store(s, tok, tmp / n, args.text_field, args.num_proc, args.cache_dir, r))
         rows = _report(stores, args.seq_len)
-        shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        tok.save(tmp)
         atomic_write_json(tmp / "manifest.json", {
             "format": FORMAT_VERSION, "seq_len": args.seq_len, "tokenizer": tok.hash,
             "tokenizer_path": tok.path, "text_field": args.text_field, "created": time.time(),

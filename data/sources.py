@@ -154,8 +154,8 @@ def _texts(batch: dict, field: str) -> list[str]:
     return out
 
 
-def _tokenize_batch(batch: dict, field: str, model_path: str, add_bos: bool) -> dict:
-    return {"input_ids": encode_documents(_texts(batch, field), model_path, add_bos)}
+def _tokenize_batch(batch: dict, field: str, path: str, bos_id: int, eos_id: int) -> dict:
+    return {"input_ids": encode_documents(_texts(batch, field), path, bos_id, eos_id)}
 
 
 def tokenize_source(
@@ -240,7 +240,8 @@ def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int 
         out = ds.map(
             _tokenize_batch, batched=True, batch_size=256, remove_columns=ds.column_names,
             num_proc=max(1, min(num_proc, len(ds))) if num_proc > 1 else None,
-            fn_kwargs={"field": field, "model_path": tok.path, "add_bos": tok.add_bos},
+            fn_kwargs={"field": field, "path": tok.path, "bos_id": tok.bos_id if tok.add_bos else -1,
+                       "eos_id": tok.eos_id},
             cache_file_name=str(map_dir / "tokens.arrow"), new_fingerprint=store_dir.name,
             features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
             desc=f"tokenising {name}",

@@ -161,7 +161,7 @@ class Checkpointer:
             return TrainerState(**json.load(f))
 
 
-def write_checkpoint(folder: Path, engine, lm, tokenizer_file: str, save_dtype: str | None,
+def write_checkpoint(folder: Path, engine, lm, tokenizer, save_dtype: str | None,
                      max_shard_size: str) -> None:
     """model/ (HF safetensors + tokenizer) and engine/ (DeepSpeed: weights, optimizer, LR schedule).
 
@@ -170,9 +170,8 @@ def write_checkpoint(folder: Path, engine, lm, tokenizer_file: str, save_dtype: 
     """
     dtype = getattr(torch, save_dtype) if save_dtype else None
     lm.save_pretrained(str(folder / "model"), max_shard_size=max_shard_size, dtype=dtype)
-    tok = folder / "model" / "tokenizer.model"
-    if torch.distributed.get_rank() == 0 and not tok.exists():
-        shutil.copy2(tokenizer_file, tok)  # a model built from scratch has no source folder to copy from
+    if torch.distributed.get_rank() == 0:  # a model built from scratch has no source folder to copy it from
+        tokenizer.save(folder / "model")
     engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
 
 
