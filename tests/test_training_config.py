@@ -98,3 +98,12 @@ def test_unknown_keys_are_named_with_a_suggestion():
 def test_hydra_rejects_an_unknown_override_before_train_runs():
     with pytest.raises(Exception, match="lrr"):
         _compose("optim.lrr=1")
+
+
+def test_cli_rejects_a_mistyped_key_before_importing_torch():
+    # What makes `python train.py optim.lrr=1` fail in well under a second: nothing heavy loads first.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "train.py", "optim.lrr=1"],
+                          cwd=CONFIGS.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "lrr" in proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not imported & {"torch", "deepspeed", "datasets"}
