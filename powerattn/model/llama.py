@@ -62,11 +62,16 @@ class Attention(nn.Module):
         self.pattern: Pattern = make_pattern("full")  # set by LlamaForCausalLM.configure_attention
         self.backend = "auto"
 
-    def forward(self, x: Tensor, batch: Batch) -> Tensor:
+    def qkv(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected q, k, v [b, s, heads, d], RoPE applied to q and k."""
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim), batch.cos, batch.sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), batch.cos, batch.sin)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
+        return q, k, self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
+
+    def forward(self, x: Tensor, batch: Batch) -> Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x, batch)
         cache = batch.kv_cache
         if cache is not None and batch.cache_seqlens is not None:
             # Decoding: new queries read the cache, each only the key blocks its pattern row names.
@@ -121,15 +126,16 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 max_seqlen: int | None = None, kv_cache: KVCache | None = None) -> Tensor:
         batch, new_tokens = self._prepare(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
-        h = self.embed_tokens(input_ids)
-        recompute = self.config.checkpointed_layers() if self.training and torch.is_grad_enabled() else ()
-        for i, layer in enumerate(self.layers):
-            if i in recompute:
-                h = checkpoint(layer, h, batch, use_reentrant=False)
-            else:
-                h = layer(h, batch)
+        h = self.run_layers(self.embed_tokens(input_ids), batch)
         if kv_cache is not None:
             kv_cache.advance(new_tokens)
+        return h
+
+    def run_layers(self, h: Tensor, batch: Batch) -> Tensor:
+        """Decoder layers (those the config names activation-checkpointed, when training), then the norm."""
+        recompute = self.config.checkpointed_layers() if self.training and torch.is_grad_enabled() else ()
+        for i, layer in enumerate(self.layers):
+            h = checkpoint(layer, h, batch, use_reentrant=False) if i in recompute else layer(h, batch)
         return self.norm(h)
 
     def _prepare(self, input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache) -> tuple[Batch, list[int]]:

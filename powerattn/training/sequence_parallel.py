@@ -19,11 +19,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from powerattn.model import IGNORE_INDEX, LlamaForCausalLM
 from powerattn.model.llama import Attention, Batch
-from powerattn.model.rope import apply_rope
 from powerattn.ops import sparse_attention
 
 
@@ -39,16 +37,14 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor, pattern, cu_seqlens: Tensor
 class UlyssesAttention(Attention):
     """Attention whose core runs inside DeepSpeed's DistributedAttention (see enable_ulysses).
 
-    Mirrors Attention.forward for training (no KV cache); parameters and names are unchanged.
+    Training only (no KV cache); parameters and names are Attention's.
     """
 
     def forward(self, x: Tensor, batch: Batch) -> Tensor:
         if batch.kv_cache is not None:
             raise RuntimeError("sequence-parallel attention is for training; decode under ulysses_disabled()")
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim), batch.cos, batch.sin)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), batch.cos, batch.sin)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
+        q, k, v = self.qkv(x, batch)
         # batch_dim_idx=0: [b, s, h, d] layout; scatter heads (2), gather the sequence (1). Keywords reach
         # the core unchanged in every DeepSpeed version (positional extras shifted when rotary_pos_emb came).
         y = self.ulysses(q, k, v, 0, pattern=self.pattern, cu_seqlens=batch.cu_seqlens,
@@ -97,7 +93,8 @@ def sequence_parallel_loss(model: LlamaForCausalLM, shard: dict, max_position: i
     shard: `data.shard_sequence_parallel` output (input_ids, shift_labels, position_ids [b, s/sp] on the
     model's device; global cu_seqlens and max_seqlen). max_position: 1 + the largest position id of the
     unsharded micro-batch (every rank must build the same RoPE table, dynamic NTK included).
-    Mirrors LlamaModel.forward (the model takes whole sequences; its document logic needs all of them).
+    LlamaModel.forward takes whole sequences (its document logic needs all of them); this builds the
+    slice's Batch from the global documents and runs the same layers.
     """
     inner = model.model
     ids, targets = shard["input_ids"], shard["shift_labels"]
@@ -105,10 +102,6 @@ def sequence_parallel_loss(model: LlamaForCausalLM, shard: dict, max_position: i
     cu = shard["cu_seqlens"]
     cos, sin = inner.rotary(shard["position_ids"], s, ids.device, max_position, seq_len=max_position)
     batch = Batch(cos, sin, cu.to(device=ids.device, dtype=torch.int32), cu.tolist(), shard["max_seqlen"])
-    recompute = inner.config.checkpointed_layers() if inner.training and torch.is_grad_enabled() else ()
-    h = inner.embed_tokens(ids)
-    for i, layer in enumerate(inner.layers):
-        h = checkpoint(layer, h, batch, use_reentrant=False) if i in recompute else layer(h, batch)
-    h = inner.norm(h)
+    h = inner.run_layers(inner.embed_tokens(ids), batch)
     mean = model.lm_head(h, targets, model.config.loss_chunk_size)
     return mean * (targets != IGNORE_INDEX).sum()
