@@ -76,9 +76,9 @@ class TaskSpec:
 
     def to_tokens(self, tokenizer: Tokenizer, length: int) -> TokenPrompt:
         """Render as exactly `length` token ids (BOS included when the tokenizer adds one)."""
-        enc = lambda texts: tokenizer.encode_batch(list(texts), bos=False, eos=False)
+        enc = lambda texts: tokenizer.encode_pieces(list(texts))  # sentences joined by spaces
         head = [tokenizer.bos_id] if tokenizer.add_bos else []
-        head += enc([self.header])[0] if self.header else []
+        head += tokenizer.encode(self.header, bos=False) if self.header else []
         needles, question = enc(self.needles), enc([self.question])[0]
         budget = length - len(head) - sum(map(len, needles)) - len(question)
         if budget < 0:

@@ -146,6 +146,14 @@ class Tokenizer:
         eos = self.add_eos if eos is None else eos
         return [self._wrap(ids, bos, eos) for ids in self.backend.encode(texts)]
 
+    def encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text as it reads after a space in running text, so that pieces concatenate into
+        spaced text: sentencepiece marks that space itself (its dummy prefix), a byte-level BPE
+        tokenizer.json needs it written."""
+        if isinstance(self.backend, _HFTokenizer):
+            texts = [" " + t for t in texts]
+        return self.backend.encode(texts)
+
     def encode_document(self, text: str) -> list[int]:
         """A training document: [BOS] + text + [EOS]; EOS always, so packed documents stay separated."""
         return self.encode(text, eos=True)

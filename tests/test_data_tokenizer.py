@@ -1,6 +1,7 @@
 """Tokenizers (sentencepiece and HF tokenizer.json) and the trainer: round trips, BOS/EOS, hashing, errors."""
 
 import json
+import re
 
 import pytest
 
@@ -138,3 +139,16 @@ def test_hf_tokenizer_through_the_source_pipeline(tmp_path):
         (src,) = tokenize_source(SourceConfig(path=str(tmp_path / "d.jsonl")), t, tmp_path / f"c{num_proc}",
                                  num_proc=num_proc)
         assert [src.store.doc(i).tolist() for i in range(src.store.num_docs)] == [t.encode_document(x) for x in texts]
+
+
+@pytest.mark.parametrize("style", ["sentencepiece", "tokenizer.json"])
+def test_eval_prompts_read_as_spaced_text(style, tok, tmp_path):
+    # Prompts are assembled from separately encoded sentences; with either tokenizer kind they must
+    # decode to text whose sentences are separated by spaces, as the model saw in training.
+    from data.synthetic import passkey
+
+    t = tok if style == "sentencepiece" else Tokenizer.from_pretrained(hf_folder(tmp_path / "m", LLAMA3))
+    prompt = passkey(3, depth=0.5).to_tokens(t, 300)
+    assert len(prompt.input_ids) == 300
+    assert re.search(r"\.[A-Z]", prompt.prompt) is None, prompt.prompt[:300]
+    assert f"The pass key is {prompt.answer}." in prompt.prompt
