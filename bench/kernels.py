@@ -148,8 +148,9 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
     # dK/dV at other cuts of the heavy columns (heavy_first_schedule's factor; 1e9: nothing cut).
     cfg = times["dkdv_config"]
     tables = device_tables(pat, s, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device)
-    default = heavy_first_schedule(tables)
-    variants = {f"dkdv_cut_{f:g}": heavy_first_schedule(tables, f) for f in (2.0, 8.0, 1e9)}
+    tiles = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    default = heavy_first_schedule(tables, *tiles)
+    variants = {f"dkdv_cut_{f:g}": heavy_first_schedule(tables, *tiles, f) for f in (2.0, 8.0, 1e9)}
     variants["dkdv_heavy_first_uncut"] = uncut(default)
     for name, sched in variants.items():
         times[name] = median_ms(
@@ -158,15 +159,17 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
 
 
 def uncut(schedule):
-    """The same schedule with each split column's pieces merged back into one program (still run first)."""
-    from powerattn.kernels.backward import DkdvSchedule
+    """The same schedule with each split column's pieces merged back into one program (still run first).
 
+    A column of one piece is never summed from slots: its program writes dK/dV itself.
+    """
     items, ptr = schedule.items.tolist(), schedule.split_ptr.tolist()
-    merged = [(items[a][0], items[a][1], items[b - 1][2]) for a, b in zip(ptr[:-1], ptr[1:])]
+    merged = [(items[a][0], items[a][1], items[b - 1][2], 1) for a, b in zip(ptr[:-1], ptr[1:])]
     n = len(merged)
     as_int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=schedule.items.device)  # noqa: E731
-    return DkdvSchedule(as_int32(merged + items[schedule.n_pieces:]).reshape(-1, 3), n, schedule.split_tiles,
-                        as_int32(list(range(n + 1))))
+    return schedule._replace(items=as_int32(merged + items[schedule.n_pieces:]).reshape(-1, 4), n_pieces=n,
+                             split_ptr=as_int32(list(range(n + 1))), piece_split=as_int32(list(range(n))),
+                             need=as_int32([1] * n), bound_need=(2**62,) * n)
 
 
 def compile_report() -> list[str]:

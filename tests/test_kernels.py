@@ -180,21 +180,25 @@ def test_heavy_first_schedule_cuts_the_sink_columns_and_covers_every_entry_once(
     from powerattn.kernels.backward import heavy_first_schedule
 
     t = powerattn.make_pattern("power", block_size=32, window=2).tables(4096, 16, 16)
-    sched = heavy_first_schedule(t)
+    sched = heavy_first_schedule(t, 16, 16)
     lens = t.q_ptr[1:] - t.q_ptr[:-1]
     cap = math.ceil(4 * lens.float().mean().item())
     items = sched.items.tolist()
     assert sched.split_tiles.tolist() == [0, 1]  # the sink block's two tiles, and only they
-    assert {tile for tile, _, _ in items[: sched.n_pieces]} == {0, 1}
-    assert all(0 < last - first <= cap for _, first, last in items[: sched.n_pieces])
-    whole = [tile for tile, _, _ in items[sched.n_pieces :]]
+    assert {it[0] for it in items[: sched.n_pieces]} == {0, 1}
+    assert all(0 < last - first <= cap for _, first, last, _ in items[: sched.n_pieces])
+    whole = [it[0] for it in items[sched.n_pieces :]]
     assert whole == sorted(whole) and set(whole) == set(range(2, lens.numel()))
-    for tile in range(lens.numel()):  # each column's slices tile it exactly, in order
-        slices = [(first, last) for x, first, last in items if x == tile]
-        assert slices[0][0] == t.q_ptr[tile] and slices[-1][1] == t.q_ptr[tile + 1]
-        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    for tile in range(lens.numel()):  # the pieces tile the full entries in order; one of them walks the diagonal
+        mine = [it for it in items if it[0] == tile]
+        assert mine[0][1] == t.q_ptr[tile] and mine[-1][2] == t.q_ptr[tile] + t.q_full[tile]
+        assert all(a[2] == b[1] for a, b in zip(mine, mine[1:]))
+        assert [it[3] for it in mine] == [1] + [0] * (len(mine) - 1)
     for i, tile in enumerate(sched.split_tiles.tolist()):
         assert all(items[j][0] == tile for j in range(sched.split_ptr[i], sched.split_ptr[i + 1]))
+    for i in range(len(sched.split_ptr) - 1):  # the pieces reach ever farther queries
+        needs = sched.need[sched.split_ptr[i] : sched.split_ptr[i + 1]].tolist()
+        assert needs == sorted(needs) and needs[0] == 16 * sched.split_tiles[i] + 1
 
 
 @pytest.fixture
@@ -203,17 +207,22 @@ def split_every_long_column(monkeypatch):
     import powerattn.kernels as kernels
     from powerattn.kernels import backward
 
-    made = []
+    summed = []
+    heavy_first_schedule, slots = backward.heavy_first_schedule, backward.DkdvSchedule.slots
 
-    def schedule(tables, factor=4.0):
-        made.append(heavy_first_schedule(tables, factor=1.0))
-        return made[-1]
+    def schedule(tables, tile_m, tile_n, factor=4.0):
+        return heavy_first_schedule(tables, tile_m, tile_n, factor=1.0)
 
-    heavy_first_schedule = backward.heavy_first_schedule
+    def spy(self, seqlens, total_tokens):
+        out = slots(self, seqlens, total_tokens)
+        summed.append(bool(out[1].any()))
+        return out
+
     monkeypatch.setattr(backward, "heavy_first_schedule", schedule)
+    monkeypatch.setattr(backward.DkdvSchedule, "slots", spy)
     monkeypatch.setattr(kernels, "_SCHEDULES", {})
-    yield made
-    assert made and all(s.n_pieces > 0 for s in made), "the test never ran a split column"
+    yield
+    assert any(summed), "no column was summed from pieces: the test never ran the reduce"
 
 
 @pytest.mark.parametrize("name", ["power", "stride_slash", "longnet"])
@@ -226,6 +235,54 @@ def test_split_columns_varlen_and_long_table_bucket(poisoned, split_every_long_c
     cu = torch.tensor([0, 20, 21, 150], dtype=torch.int32)
     run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 1, 150, 4, 1, 16, torch.float32, "cpu",
                     cu=cu, max_seqlen=300)
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (16, 64), (32, 16)])
+def test_split_columns_other_tiles_varlen(tiles, poisoned, split_every_long_column, monkeypatch):
+    # BLOCK_N > ROWS runs several reduce programs per tile; BLOCK_M != BLOCK_N puts pieces wholly in
+    # a column's diagonal half. Documents of many lengths, most too short to need a cut column.
+    import powerattn.kernels as kernels
+
+    def pick(kind, q, k, pattern, max_seqlen, run):
+        return dict(zip(("BLOCK_M", "BLOCK_N"), tiles if kind == "dkdv" else (16, 16)))
+
+    monkeypatch.setattr(kernels, "pick_config", pick)
+    cu = torch.tensor([0, 5, 17, 33, 34, 90, 200, 230, 560], dtype=torch.int32)
+    run_and_compare(powerattn.make_pattern("power", block_size=64, window=2), 1, 560, 4, 2, 16, torch.float32,
+                    "cpu", cu=cu, max_seqlen=600)
+
+
+def test_workspace_slots_only_where_a_column_is_cut():
+    from powerattn.kernels.backward import heavy_first_schedule
+
+    t = powerattn.make_pattern("power", block_size=32, window=2).tables(4096, 16, 16)
+    sched = heavy_first_schedule(t, 16, 16)
+    lens = torch.tensor([4096, 7, 300, 1, 2000, 4096, 33, 700], dtype=torch.int32)
+    slots, cut, capacity = sched.slots(lens, int(lens.sum()))
+    items = sched.items.tolist()
+
+    def works(item, n):  # brute force from the tables: a tile this piece walks lies in the sequence
+        tile, first, last, diag = item
+        walked = t.q_idx[first:last].tolist()
+        if diag:
+            walked += t.q_idx[t.q_ptr[tile] + t.q_full[tile] : t.q_ptr[tile + 1]].tolist()
+        return tile * 16 < n and any(q * 16 < n for q in walked)
+
+    for p in range(sched.n_pieces):
+        column = [it for it in items[: sched.n_pieces] if it[0] == items[p][0]]
+        for d, n in enumerate(lens.tolist()):
+            n_working = sum(works(it, n) for it in column)
+            want = -1 if not works(items[p], n) else (-2 if n_working == 1 else None)
+            got = int(slots[p, d])
+            assert (got >= 0) if want is None else got == want, (p, d, got, want)
+    used = slots[slots >= 0]
+    assert sorted(used.tolist()) == list(range(used.numel())) and used.numel() <= capacity
+    # Documents shorter than the first piece's queries need no slot at all.
+    first_piece_end = int(sched.need[1]) - 1
+    short = [d for d, n in enumerate(lens.tolist()) if n <= first_piece_end]
+    assert short and int((slots[:, short] >= 0).sum()) == 0
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        heavy_first_schedule(t, 16, 16, factor=0.5)
 
 
 @pytest.mark.gpu

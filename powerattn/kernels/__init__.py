@@ -68,7 +68,8 @@ def dkdv_schedule(pattern: Pattern, max_seqlen: int, tile_m: int, tile_n: int, d
 
     key = (pattern, _table_length(max_seqlen, pattern.block_size), tile_m, tile_n, str(device))
     if key not in _SCHEDULES:
-        _SCHEDULES[key] = heavy_first_schedule(device_tables(pattern, max_seqlen, tile_m, tile_n, device))
+        tables = device_tables(pattern, max_seqlen, tile_m, tile_n, device)
+        _SCHEDULES[key] = heavy_first_schedule(tables, tile_m, tile_n)
     return _SCHEDULES[key]
 
 

@@ -71,7 +71,7 @@ def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, f
 
 @triton.jit
 def _dkdv_kernel(
-    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, WS_DK, WS_DV, q_ptr, q_idx, q_full, items, cu_seqlens,
+    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, WS_DK, WS_DV, slots, q_ptr, q_idx, q_full, items, cu_seqlens,
     seq_len, n_kv_heads, n_seq, n_items, n_pieces, qk_scale, sm_scale,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -93,12 +93,18 @@ def _dkdv_kernel(
         rest = pid - n_pieces * n_streams
         item = n_pieces + rest % (n_items - n_pieces)
         pid_bh = rest // (n_items - n_pieces)
-    pid_n = tl.load(items + 3 * item)
-    first = tl.load(items + 3 * item + 1)  # this program's slice [first, last) of the column in q_idx
-    last = tl.load(items + 3 * item + 2)
-    kv_head = pid_bh % n_kv_heads
-    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
-    if pid_n * BLOCK_N >= seqlen:
+    pid_n = tl.load(items + 4 * item)
+    first = tl.load(items + 4 * item + 1)  # this program's slice [first, last) of the column's full tiles
+    last = tl.load(items + 4 * item + 2)
+    with_diagonal = tl.load(items + 4 * item + 3)  # and whether it also walks the diagonal tiles
+    kv_head, seq = pid_bh % n_kv_heads, pid_bh // n_kv_heads
+    # A piece's slot (see DkdvSchedule.slots): >= 0 its workspace slot, -2 it alone covers its column
+    # in this sequence and writes dK/dV itself, -1 no work here. Whole columns: -2.
+    slot = tl.full([], -2, tl.int32)
+    if item < n_pieces:
+        slot = tl.load(slots + item * n_seq + seq)
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, seq, seq_len, VARLEN)
+    if pid_n * BLOCK_N >= seqlen or slot == -1:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -110,13 +116,14 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    # A column lists its full query tiles, then the diagonal ones from `mid`; each half ascends, so
-    # the tiles inside this sequence (the table may cover a longer one) are a prefix of each half.
+    # A column lists its full query tiles, then its diagonal ones; each list ascends, so the tiles
+    # inside this sequence (the table may cover a longer one) are a prefix of each.
     n_q_tiles = tl.cdiv(seqlen, BLOCK_M)
-    mid = tl.load(q_ptr + pid_n) + tl.load(q_full + pid_n)
-    full_hi = first + _valid_count(q_idx, first, tl.minimum(last, mid), n_q_tiles, 64)
-    diag_lo = tl.maximum(first, mid)
-    diag_hi = diag_lo + _valid_count(q_idx, diag_lo, last, n_q_tiles, 64)
+    full_hi = first + _valid_count(q_idx, first, last, n_q_tiles, 64)
+    diag_lo = tl.load(q_ptr + pid_n) + tl.load(q_full + pid_n)
+    diag_hi = diag_lo
+    if with_diagonal:
+        diag_hi += _valid_count(q_idx, diag_lo, tl.load(q_ptr + pid_n + 1), n_q_tiles, 64)
     for g in range(GROUP):
         head = kv_head * GROUP + g
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
@@ -128,9 +135,9 @@ def _dkdv_kernel(
             dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
                                 tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, True)
 
-    if item < n_pieces:  # a piece of a split column: partial sums to its workspace slot, unscaled
+    if slot >= 0:  # one of several pieces of its column: partial sums to its slot, unscaled
         offs_r = tl.arange(0, BLOCK_N)
-        ws = ((item * n_streams + pid_bh).to(tl.int64) * BLOCK_N + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+        ws = ((slot * n_kv_heads + kv_head).to(tl.int64) * BLOCK_N + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.store(WS_DK + ws, dk)
         tl.store(WS_DV + ws, dv)
     else:
@@ -142,27 +149,29 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dkdv_reduce_kernel(
-    WS_DK, WS_DV, DK, DV, split_tiles, split_ptr, cu_seqlens, seq_len, n_kv_heads, sm_scale,
+    WS_DK, WS_DV, DK, DV, slots, cut, split_tiles, split_ptr, cu_seqlens, seq_len, n_kv_heads, n_seq, sm_scale,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    # dK, dV of ROWS rows of one split key tile: its pieces' partial sums, added in piece order.
+    # dK, dV of ROWS rows of one split key tile in one sequence: its pieces' partial sums, added in
+    # piece order. Nothing to do where the column is absent or a single piece covered it (cut == 0).
     pid_bh = tl.program_id(1)
-    n_streams = tl.num_programs(1)
-    pid_n = tl.load(split_tiles + tl.program_id(0))
-    kv_head = pid_bh % n_kv_heads
-    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, pid_bh // n_kv_heads, seq_len, VARLEN)
-    if pid_n * BLOCK_N >= seqlen:  # the pieces skipped this column too, leaving their slots unwritten
+    kv_head, seq = pid_bh % n_kv_heads, pid_bh // n_kv_heads
+    if tl.load(cut + tl.program_id(0) * n_seq + seq) == 0:
         return
+    pid_n = tl.load(split_tiles + tl.program_id(0))
+    batch, row0, start, seqlen = sequence_bounds(cu_seqlens, seq, seq_len, VARLEN)
     offs_r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     dk = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for piece in range(tl.load(split_ptr + tl.program_id(0)), tl.load(split_ptr + tl.program_id(0) + 1)):
-        ws = ((piece * n_streams + pid_bh).to(tl.int64) * BLOCK_N + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
-        dk += tl.load(WS_DK + ws)
-        dv += tl.load(WS_DV + ws)
+        slot = tl.load(slots + piece * n_seq + seq)
+        if slot >= 0:  # -1: this piece had no work in this sequence
+            ws = ((slot * n_kv_heads + kv_head).to(tl.int64) * BLOCK_N + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+            dk += tl.load(WS_DK + ws)
+            dv += tl.load(WS_DV + ws)
     offs_n = pid_n * BLOCK_N + offs_r
     col_ok = offs_n < seqlen
     dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks
@@ -241,33 +250,68 @@ def launch_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
 class DkdvSchedule(NamedTuple):
     """The dK/dV kernel's work items: pieces of heavy key columns first, then whole columns."""
 
-    items: torch.Tensor  # int32 [n_items, 3]: (key tile, first, last), a slice of the transposed table's q_idx
-    n_pieces: int  # the first n_pieces items are pieces of split columns, one workspace slot each
+    # int32 [n_items, 4]: (key tile, first, last, with_diagonal): the program walks the column's full
+    # query tiles q_idx[first:last], and its diagonal ones too where with_diagonal is 1.
+    items: torch.Tensor
+    n_pieces: int  # the first n_pieces items are pieces of split columns
     split_tiles: torch.Tensor  # int32 [n_split]: the split key tiles
     split_ptr: torch.Tensor  # int32 [n_split + 1]: split tile i's pieces are items split_ptr[i]:split_ptr[i + 1]
+    piece_split: torch.Tensor  # int32 [n_pieces]: which split tile each piece belongs to
+    need: torch.Tensor  # int32 [n_pieces]: the shortest sequence in which a piece has work
+    bound_need: tuple[int, ...]  # per piece: the shortest sequence in which it needs a workspace slot
+
+    def slots(self, seqlens: torch.Tensor, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Workspace slots for sequences of lengths `seqlens` (device, int32), without a host sync.
+
+        Returns (slots [n_pieces, n_seq]: a slot >= 0, -2 where the piece alone covers its column in
+        that sequence and writes dK/dV directly, -1 where it has no work; cut [n_split, n_seq]: whether
+        the reduce sums that column; capacity). A piece takes a slot only where its column has work in
+        several pieces, so short packed documents cost no workspace; `capacity` bounds the slots for
+        any lengths adding up to `total_tokens` (at most total // x sequences are >= x long).
+        """
+        has = seqlens[None, :] >= self.need[:, None]
+        per_split = torch.zeros((self.split_tiles.numel(), seqlens.numel()), dtype=torch.int32, device=has.device)
+        per_split.index_add_(0, self.piece_split, has.int())
+        cut = per_split >= 2
+        use = has & cut[self.piece_split]
+        order = torch.cumsum(use.flatten().int(), 0).view_as(use) - 1
+        slots = torch.where(use, order, torch.where(has, -2, -1)).int()
+        capacity = sum(min(seqlens.numel(), total_tokens // n) for n in self.bound_need)
+        return slots, cut.int(), capacity
 
 
-def heavy_first_schedule(tables: BlockTables, factor: float = 4.0) -> DkdvSchedule:
-    """Cut every key column longer than `factor` x the mean into near-equal pieces no longer than that.
+def heavy_first_schedule(tables: BlockTables, tile_m: int, tile_n: int, factor: float = 4.0) -> DkdvSchedule:
+    """Cut every key column longer than ceil(`factor` x the mean) into near-equal pieces no longer than that.
 
     The sink block's column holds every query tile: uncut, its program runs ~35x longer than an
-    ordinary one at 128K and ends the kernel alone. Pieces go first (longest column first), then
-    whole columns in tile order.
+    ordinary one at 128K and, with few KV heads to hide behind, ends the kernel alone. Pieces go
+    first (longest column first), then whole columns in tile order. Pieces split the column's full
+    tiles in query order, the first piece also taking the few diagonal ones (the nearest queries),
+    so a document reaches a prefix of the pieces and one shorter than the first piece needs no cut.
     """
-    q_ptr = tables.q_ptr.cpu().long()
+    if factor < 1:
+        raise ValueError(f"heavy_first_schedule: factor must be >= 1 (some columns stay whole), got {factor}")
+    q_ptr, q_idx, q_full = (t.cpu().long() for t in (tables.q_ptr, tables.q_idx, tables.q_full))
     lens = q_ptr[1:] - q_ptr[:-1]
     cap = max(1, math.ceil(factor * lens.float().mean().item()))
-    heavy = torch.nonzero(lens > cap, as_tuple=True)[0]
-    heavy = heavy[torch.argsort(lens[heavy], descending=True, stable=True)].tolist()
-    pieces, split_ptr = [], [0]
-    for t in heavy:
-        n = -(-int(lens[t]) // cap)
-        cuts = [int(q_ptr[t]) + int(lens[t]) * i // n for i in range(n + 1)]
-        pieces += [(t, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    n_cut = [min(-(-int(n) // cap), int(f)) for n, f in zip(lens, q_full)]  # pieces; full tiles to cut
+    heavy = [t for t in torch.argsort(lens, descending=True, stable=True).tolist() if n_cut[t] >= 2]
+    pieces, split_ptr, piece_split, need, bound_need = [], [0], [], [], []
+    for i, t in enumerate(heavy):
+        lo, n, f = int(q_ptr[t]), n_cut[t], int(q_full[t])
+        cuts = [lo + f * j // n for j in range(n + 1)]
+        pieces += [(t, a, b, int(j == 0)) for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        # A piece has work in a sequence holding its nearest query tile (the first: the key tile's own).
+        needs = [t * tile_n + 1] + [int(q_idx[a]) * tile_m + 1 for a in cuts[1:-1]]
+        piece_split += [i] * n
+        need += needs
+        bound_need += [max(x, needs[1]) for x in needs]  # a slot only where >= 2 pieces have work
         split_ptr.append(len(pieces))
-    whole = [(t, int(q_ptr[t]), int(q_ptr[t + 1])) for t in torch.nonzero(lens <= cap, as_tuple=True)[0].tolist()]
+    cut = set(heavy)
+    whole = [(t, int(q_ptr[t]), int(q_ptr[t] + q_full[t]), 1) for t in range(lens.numel()) if t not in cut]
     as_int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=tables.q_ptr.device)
-    return DkdvSchedule(as_int32(pieces + whole).reshape(-1, 3), len(pieces), as_int32(heavy), as_int32(split_ptr))
+    return DkdvSchedule(as_int32(pieces + whole).reshape(-1, 4), len(pieces), as_int32(heavy), as_int32(split_ptr),
+                        as_int32(piece_split), as_int32(need), tuple(bound_need))
 
 
 def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSchedule, cu_seqlens,
@@ -279,12 +323,20 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     n_items = schedule.items.shape[0]
-    # One float32 [BLOCK_N, d] slot per (piece, sequence, KV head): ~10 MB at 128K with 8 KV heads.
-    ws_dk = torch.empty((schedule.n_pieces, n_seq * hkv, block_n, d), device=q.device, dtype=torch.float32)
+    if schedule.n_pieces:
+        seqlens = (torch.full((b,), s, dtype=torch.int32, device=q.device) if cu_seqlens is None
+                   else cu_seqlens[1:] - cu_seqlens[:-1])
+        slots, cut, capacity = schedule.slots(seqlens, b * s)
+    else:
+        slots = cut = torch.empty(0, dtype=torch.int32, device=q.device)
+        capacity = 0
+    # One float32 [BLOCK_N, d] slot per (piece, sequence, KV head) where a column is really cut: ~20 MB
+    # at 128K with 8 KV heads; the same for a packed row of many documents (short ones take none).
+    ws_dk = torch.empty((capacity, hkv, block_n, d), device=q.device, dtype=torch.float32)
     ws_dv = torch.empty_like(ws_dk)
     _dkdv_kernel[(n_items * n_seq * hkv,)](
         rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
-        ws_dk, ws_dv, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
+        ws_dk, ws_dv, slots, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
         s, hkv, n_seq, n_items, schedule.n_pieces, scale * 1.4426950408889634, scale,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -296,7 +348,8 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
     if schedule.n_pieces:
         rows = min(block_n, 32)
         _dkdv_reduce_kernel[(schedule.split_tiles.numel(), n_seq * hkv, block_n // rows)](
-            ws_dk, ws_dv, dk, dv, schedule.split_tiles, schedule.split_ptr, cu_seqlens, s, hkv, scale,
+            ws_dk, ws_dv, dk, dv, slots, cut, schedule.split_tiles, schedule.split_ptr, cu_seqlens, s, hkv, n_seq,
+            scale,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             HEAD_DIM=d, BLOCK_N=block_n, ROWS=rows, VARLEN=cu_seqlens is not None, num_warps=4,
