@@ -330,8 +330,8 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
     else:
         slots = cut = torch.empty(0, dtype=torch.int32, device=q.device)
         capacity = 0
-    # One float32 [BLOCK_N, d] slot per (piece, sequence, KV head) where a column is really cut: ~20 MB
-    # at 128K with 8 KV heads; the same for a packed row of many documents (short ones take none).
+    # One float32 [BLOCK_N, d] slot per (piece, sequence, KV head) where a column is really cut: 24 MB
+    # for one 128K sequence with 8 KV heads, at most 80 MB for any packing of 128K tokens.
     ws_dk = torch.empty((capacity, hkv, block_n, d), device=q.device, dtype=torch.float32)
     ws_dv = torch.empty_like(ws_dk)
     _dkdv_kernel[(n_items * n_seq * hkv,)](
