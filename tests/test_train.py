@@ -195,3 +195,25 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
     assert proc.returncode != 0 and "optim.lr" in proc.stderr
     assert time.time() - start < 15  # no data, model or DeepSpeed work (the bulk is importing torch)
     assert not list((tmp_path / "x").glob("*"))  # Hydra creates the folder; nothing is written into it
+
+
+def test_hf_tokenizer_json_trains_and_ships_with_the_checkpoint(tmp_path):
+    # A Llama-3-style tokenizer.json model folder: the data pipeline, the final passkey check and the
+    # checkpoint's tokenizer files, which transformers loads as the same tokenizer.
+    transformers = pytest.importorskip("transformers")
+    from test_data_tokenizer import LLAMA3, hf_folder
+
+    from data.tokenizer import Tokenizer
+
+    folder = hf_folder(tmp_path / "tok", LLAMA3)
+    out = tmp_path / "run"
+    proc = _run([sys.executable, "train.py", "logger=none", f"output_dir={out}", f"data.tokenizer={folder}",
+                 "curriculum.stages.0.steps=2", "curriculum.stages.1.steps=1", "final_eval.samples=1"])
+    assert "passkey accuracy:" in proc.stdout
+    model_dir = out / "checkpoints" / "step_000003" / "model"
+    assert (model_dir / "tokenizer.json").is_file() and (model_dir / "tokenizer_config.json").is_file()
+    ours = Tokenizer.from_pretrained(model_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = "The pass key is 90210. Remember it."
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, bos=False)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (ours.bos_id, ours.eos_id)
