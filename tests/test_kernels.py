@@ -149,16 +149,22 @@ def test_gpu_bf16_every_pattern(name, d):
     run_and_compare(pat, 1, 4096 + 77, 16, 4, d, torch.bfloat16, "cuda", tol=1.5e-2)
 
 
+def check_bf16_varlen_deterministic(cu: list[int], heads: int, kv_heads: int):
+    """Correct against the reference, and bit-identical gradients from two runs on the same inputs."""
+    pat = powerattn.make_pattern("power", block_size=256)
+    cu = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        grads.append(run_and_compare(pat, 1, int(cu[-1]), heads, kv_heads, 128, torch.bfloat16, "cuda", cu=cu,
+                                     tol=1.5e-2)[1])
+    for g, a in zip(*grads):
+        assert torch.equal(g, a), "backward must be deterministic"
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_varlen_mha_and_determinism():
-    pat = powerattn.make_pattern("power", block_size=256)
-    cu = torch.tensor([0, 1000, 1001, 5000], dtype=torch.int32, device="cuda")
-    torch.manual_seed(1)
-    _, grads = run_and_compare(pat, 1, 5000, 8, 8, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
-    torch.manual_seed(1)
-    _, again = run_and_compare(pat, 1, 5000, 8, 8, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
-    for g, a in zip(grads, again):
-        assert torch.equal(g, a), "backward must be deterministic"
+    check_bf16_varlen_deterministic([0, 1000, 1001, 5000], 8, 8)
 
 
 @pytest.mark.gpu
@@ -287,11 +293,4 @@ def test_workspace_slots_only_where_a_column_is_cut():
 
 @pytest.mark.gpu
 def test_gpu_bf16_split_columns_deterministic(split_every_long_column):
-    pat = powerattn.make_pattern("power", block_size=256)
-    cu = torch.tensor([0, 3000, 3001, 9000], dtype=torch.int32, device="cuda")
-    torch.manual_seed(2)
-    _, grads = run_and_compare(pat, 1, 9000, 16, 4, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
-    torch.manual_seed(2)
-    _, again = run_and_compare(pat, 1, 9000, 16, 4, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)
-    for g, a in zip(grads, again):
-        assert torch.equal(g, a), "backward must be deterministic"
+    check_bf16_varlen_deterministic([0, 3000, 3001, 9000], 16, 4)
