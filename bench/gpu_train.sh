@@ -35,12 +35,13 @@ print(json.dumps({"date": datetime.datetime.now().isoformat(), "torch": torch.__
 EOF
 cat "$OUT/env_$MODE.json"
 
-# Documents of ~200K tokens; the tokenizer is the default one (sentencepiece cannot be fitted to documents
-# without line breaks), built here on first use.
+# The tokenizer is the default one (sentencepiece cannot be fitted to documents without line breaks), built
+# here on first use. Documents: ~200K tokens (24,000 sentences) unless a mode needs longer ones.
 TOK=$(python -c "from data import default_tokenizer; print(default_tokenizer('.cache/powerattn_data').path)")
-COMMON=(logger=none progress=false final_eval.enabled=false checkpoint.final=false precision=bf16
-        "data.tokenizer=$TOK" data.synthetic.num_docs=12 data.synthetic.min_sentences=24000
-        data.synthetic.max_sentences=24000)
+COMMON=(logger=none progress=false final_eval.enabled=false checkpoint.final=false precision=bf16 "data.tokenizer=$TOK")
+docs() {  # number and sentences of the synthetic documents (~8.3 tokens a sentence)
+    echo data.synthetic.num_docs="$1" data.synthetic.min_sentences="$2" data.synthetic.max_sentences="$2"
+}
 # lr 3e-4: the tiny default's 3e-3 makes a 1B model's loss jump in its first steps.
 ONE_B=(model=llama3_1b model.attention_backend=triton pattern.block_size=256 curriculum=constant optim.lr=3e-4)
 
@@ -88,7 +89,7 @@ if [ "$MODE" = 1gpu ]; then
     run tiny 90 python train.py logger=none "output_dir=$OUT/runs/tiny"
     names=()
     for p in full power sliding_window stride_slash dilated longnet; do
-        run "1b_32k_$p" 65 python train.py "${ONE_B[@]}" "${COMMON[@]}" "pattern=$p" \
+        run "1b_32k_$p" 65 python train.py "${ONE_B[@]}" "${COMMON[@]}" $(docs 12 24000) "pattern=$p" \
             curriculum.stages.0.seq_len=32768 curriculum.stages.0.steps=6 batch.tokens_per_step=32768 \
             batch.micro_batch_tokens=32768 deepspeed=zero1 "output_dir=$OUT/runs/1b_32k_$p"
         names+=("1b_32k_$p")
@@ -96,10 +97,10 @@ if [ "$MODE" = 1gpu ]; then
     summarize 1gpu tiny "${names[@]}"
 elif [ "$MODE" = 2gpu ]; then
     run sp2_128k 240 python -m torch.distributed.run --standalone --nproc_per_node 2 train.py "${ONE_B[@]}" \
-        "${COMMON[@]}" deepspeed=zero3 parallel.sequence_parallel_size=2 curriculum.stages.0.seq_len=131072 \
+        "${COMMON[@]}" $(docs 12 24000) deepspeed=zero3 parallel.sequence_parallel_size=2 curriculum.stages.0.seq_len=131072 \
         curriculum.stages.0.steps=4 batch.tokens_per_step=131072 batch.micro_batch_tokens=65536 \
         "output_dir=$OUT/runs/sp2_128k"
-    short=("${ONE_B[@]}" "${COMMON[@]}" deepspeed=zero3 curriculum.stages.0.seq_len=16384
+    short=("${ONE_B[@]}" "${COMMON[@]}" $(docs 12 24000) deepspeed=zero3 curriculum.stages.0.seq_len=16384
            curriculum.stages.0.steps=6 batch.tokens_per_step=16384 batch.micro_batch_tokens=16384)
     run sp2_16k 120 python -m torch.distributed.run --standalone --nproc_per_node 2 train.py "${short[@]}" \
         parallel.sequence_parallel_size=2 "output_dir=$OUT/runs/sp2_16k"
@@ -107,8 +108,8 @@ elif [ "$MODE" = 2gpu ]; then
     summarize 2gpu sp2_128k sp2_16k sp1_16k
 elif [ "$MODE" = long ]; then
     # Documents of ~530K tokens, so every row up to 512K is one document and attention costs its full length.
-    long=("${ONE_B[@]}" "${COMMON[@]}" data=default data.synthetic.num_docs=6 data.synthetic.min_sentences=64000
-          data.synthetic.max_sentences=64000 deepspeed=zero3 parallel.sequence_parallel_size=1 checkpoint.every=0)
+    long=("${ONE_B[@]}" "${COMMON[@]}" data=default $(docs 6 64000) deepspeed=zero3 parallel.sequence_parallel_size=1
+          checkpoint.every=0)
     names=()
     # Most expendable last: the call that runs this may stop at its own time limit.
     for spec in power:131072:3:120 full:131072:3:150 power:262144:3:120 power:524288:3:180 full:262144:2:220; do
