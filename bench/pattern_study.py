@@ -1,0 +1,380 @@
+"""The pattern study: does retrieval follow the receptive field? (docs/study.md)
+
+For each pattern, the same small LLaMA is trained from the same seed on the same synthetic retrieval
+mixture through `train.py +experiment=pattern_study pattern=NAME`, then `eval.py task=passkey` runs on
+its final checkpoint (lengths x depths x samples). Beside each measurement sits the receptive-field
+prediction for the same prompts: a needle is reachable when one of its blocks is within the model's
+layer count of hops from the last block (`powerattn.receptive_field`).
+
+    python bench/pattern_study.py --out DIR                 # all six patterns, one GPU (or CPU)
+    python bench/pattern_study.py --out DIR --jobs 6        # run trainings side by side (small models
+                                                            # leave a GPU mostly idle); --gpus 0,1 spreads them
+    python bench/pattern_study.py --out DIR --patterns power full
+    python bench/pattern_study.py --out DIR --merge A/study.json B/study.json   # join partial runs
+    python bench/pattern_study.py --out DIR --predict       # the theory table only, nothing trained
+    python bench/pattern_study.py --out DIR --smoke         # tiny sizes, CPU, minutes (CI)
+
+Writes DIR/study.json (per pattern: density, prediction, accuracy by length x depth, loss summary,
+seconds), DIR/study.png and, per pattern, DIR/logs/NAME.{train,eval}.log. Checkpoints live under
+DIR/runs/ and are deleted after evaluation unless --keep-checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCHEMA = "powerattn.pattern_study/1"
+PATTERNS = ("power", "sliding_window", "stride_slash", "dilated", "longnet", "full")
+EXPERIMENT = "pattern_study"
+EVAL = {"lengths": [2048, 4096, 8192], "depths": 11, "samples": 10, "batch_size": 16}
+# A few minutes on a 2-core CPU for all six patterns: the pipeline end to end, not a result.
+SMOKE_OVERRIDES = [
+    "model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+    "model.arch.num_attention_heads=2", "model.arch.num_key_value_heads=1",
+    "model.arch.max_position_embeddings=512", "pattern.block_size=32",
+    "curriculum.stages=[{seq_len:256,steps:3},{seq_len:512,steps:3}]",
+    "batch.tokens_per_step=1024", "batch.micro_batch_tokens=512", "optim.warmup_steps=1",
+    "data.synthetic.num_docs=120", "data.synthetic.min_sentences=10", "data.synthetic.max_sentences=60",
+    "data.synthetic.vocab_size=512",
+]
+SMOKE_EVAL = {"lengths": [256, 512], "depths": 10, "samples": 1, "batch_size": 10}
+
+
+def compose(overrides: list[str]):
+    """The training config train.py would run with these overrides (Hydra's own composition)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def prepare_data(cfg) -> None:
+    """Build the corpus, tokenizer and token cache once, before trainings start side by side."""
+    from omegaconf import OmegaConf
+
+    from data import build_loader
+
+    build_loader(OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def _run(cmd: list[str], log: Path, env: dict) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{cmd[1]} failed (exit {done.returncode}); log {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def latest_model(run_dir: Path) -> Path:
+    """The model folder of the checkpoint `checkpoints/latest` names (the run folder contract)."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        raise RuntimeError(f"{run_dir}: training wrote no checkpoint (no checkpoints/latest)")
+    return run_dir / "checkpoints" / pointer.read_text().strip() / "model"
+
+
+def loss_summary(metrics: Path) -> dict:
+    """First/last/min loss, the mean of the last tenth, the last loss of each stage, tokens/s."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if r["loss"] is not None and math.isfinite(r["loss"])]
+    tail = losses[-max(1, len(losses) // 10):]
+    stages: dict[int, dict] = {}
+    for r in rows:
+        stages[r["stage"]] = {"seq_len": r["seq_len"], "last_step": r["step"], "loss": r["loss"]}
+    return {
+        "steps": len(rows), "tokens": rows[-1]["tokens"] if rows else 0,
+        "first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+        "min": min(losses) if losses else None, "final_mean": sum(tail) / len(tail) if tail else None,
+        "by_stage": [stages[k] for k in sorted(stages)],
+        "tokens_per_s": _median([r["tokens_per_s"] for r in rows[len(rows) // 10:]]),
+        "curve": [[r["step"], r["loss"]] for r in rows[:: max(1, len(rows) // 200)]],
+    }
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def needle_blocks(tokenizer, lengths, depths, samples: int, seed: int) -> dict:
+    """Token span of the needle in every eval prompt, built exactly as eval.py's passkey grid builds it."""
+    from data.synthetic import passkey
+    from powerattn.evaluation.passkey import cell_seed
+
+    spans = {}
+    for n in lengths:
+        for d in depths:
+            for s in range(samples):
+                spec = passkey(cell_seed(seed, n, d, s), depth=d)
+                start = spec.to_tokens(tokenizer, n).needle_positions[0]
+                spans[(n, d, s)] = (start, start + len(tokenizer.encode_pieces(list(spec.needles))[0]))
+    return spans
+
+
+def prediction(pattern, layers: int, spans: dict, lengths, depths, samples: int) -> dict:
+    """Receptive-field theory per (length, depth): share of prompts whose needle the last block reaches."""
+    from powerattn.receptive_field import receptive_field
+
+    reach, hops_needed, coverage = [], [], {}
+    for n in lengths:
+        rf = receptive_field(pattern, n, layers)
+        coverage[str(n)] = rf.coverage
+        row_reach, row_hops = [], []
+        for d in depths:
+            cells = []
+            for s in range(samples):
+                start, end = spans[(n, d, s)]
+                blocks = rf.hops[start // pattern.block_size: (end - 1) // pattern.block_size + 1]
+                reached = blocks[blocks >= 0]
+                cells.append(int(reached.min()) if reached.numel() else -1)
+            row_reach.append(sum(h >= 0 for h in cells) / len(cells))
+            row_hops.append(min((h for h in cells if h >= 0), default=-1))
+        reach.append(row_reach)
+        hops_needed.append(row_hops)
+    return {"layers": layers, "reachable": reach, "fewest_hops": hops_needed, "coverage_by_layer": coverage}
+
+
+def pattern_of(cfg):
+    from omegaconf import OmegaConf
+
+    from powerattn.training.config import make_pattern_from
+
+    return make_pattern_from(OmegaConf.to_container(cfg.pattern, resolve=True))
+
+
+def study_pattern(name: str, args, base: list[str], ev: dict, gpu: str | None) -> dict:
+    """Train and evaluate one pattern; returns its study.json entry."""
+    out = Path(args.out)
+    run_dir, logs = out / "runs" / name, out / "logs"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    overrides = [*base, f"pattern={name}", f"output_dir={run_dir}", f"run_name=study_{name}", "resume=none",
+                 "progress=false"]
+    train_s = _run([sys.executable, "train.py", *overrides], logs / f"{name}.train.log", env)
+    model = latest_model(run_dir)
+    lengths = ",".join(map(str, ev["lengths"]))
+    eval_s = _run([sys.executable, "eval.py", f"checkpoint={model}", "task=passkey", f"task.lengths=[{lengths}]",
+                   f"task.depths={ev['depths']}", f"task.samples={ev['samples']}", f"batch_size={ev['batch_size']}",
+                   f"output_dir={run_dir / 'eval'}", "progress=false"], logs / f"{name}.eval.log", env)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    res = results["results"]
+    entry = {
+        "pattern": results["attention"]["pattern"], "key": results["attention"]["key"],
+        "accuracy": res["accuracy"], "accuracy_by_length": res["accuracy_by_length"],
+        "accuracy_by_depth": res["accuracy_by_depth"], "mean_accuracy": res["mean_accuracy"],
+        "loss": loss_summary(run_dir / "metrics.jsonl"),
+        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "device": results["environment"]["device"],
+    }
+    if not args.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return entry
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+           (platform.processor() or platform.machine() or "cpu"),
+           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def add_theory(study: dict, tokenizer) -> None:
+    """Density and the receptive-field prediction for every pattern in the study (same prompts as eval)."""
+    from powerattn.evaluation.passkey import resolve_depths
+    from powerattn.patterns import make_pattern
+
+    ev = study["eval"]
+    depths = resolve_depths(ev["depths"])
+    spans = needle_blocks(tokenizer, ev["lengths"], depths, ev["samples"], seed=0)
+    for entry in study["patterns"].values():
+        params = {k: v for k, v in entry["pattern"].items() if k != "name"}
+        pattern = make_pattern(entry["pattern"]["name"], **params)
+        entry["density"] = {str(n): pattern.density(n) for n in ev["lengths"]}
+        entry["prediction"] = prediction(pattern, study["model"]["layers"], spans, ev["lengths"], depths,
+                                         ev["samples"])
+    study["depths"] = depths
+
+
+def plot(study: dict, path: Path) -> None:
+    """Accuracy by depth at the longest length (measured solid, theory dashed), and a heatmap per pattern."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [n for n in PATTERNS if n in study["patterns"] and "prediction" in study["patterns"][n]]
+    depths, lengths = study["depths"], study["eval"]["lengths"]
+    cols = 3
+    rows = 1 + math.ceil(len(names) / cols)
+    fig = plt.figure(figsize=(4.2 * cols, 3.4 * rows), dpi=130)
+    grid = fig.add_gridspec(rows, cols)
+    ax = fig.add_subplot(grid[0, :])
+    x = [100 * d for d in depths]
+    for i, name in enumerate(names):
+        entry, color = study["patterns"][name], f"C{i}"
+        if "accuracy" in entry:
+            ax.plot(x, [100 * a for a in entry["accuracy"][-1]], "o-", color=color, label=name)
+        ax.plot(x, [100 * a for a in entry["prediction"]["reachable"][-1]], "--", color=color, alpha=0.6,
+                lw=2.5, label=None if "accuracy" in entry else name)
+    ax.set(xlabel="needle depth (% of the context before the needle)", ylabel="passkey accuracy (%)",
+           ylim=(-3, 103), title=f"Passkey at {lengths[-1]} tokens: measured (solid) vs needle reachable from the "
+           f"last block within {study['model']['layers']} layers (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    for i, name in enumerate(names):
+        entry = study["patterns"][name]
+        hx = fig.add_subplot(grid[1 + i // cols, i % cols])
+        reach = np.array(entry["prediction"]["reachable"], dtype=float).T
+        acc = np.array(entry["accuracy"], dtype=float).T if "accuracy" in entry else reach
+        hx.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for (r, c), v in np.ndenumerate(acc):
+            hx.text(c, r, f"{100 * v:.0f}" + ("" if reach[r, c] > 0 else "*"), ha="center", va="center",
+                    fontsize=6)
+        hx.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+        hx.set_yticks(range(len(depths)), [f"{100 * d:.0f}" for d in depths], fontsize=6)
+        density = entry["density"][str(lengths[-1])]
+        what = "passkey %" if "accuracy" in entry else "reachable %"
+        hx.set_title(f"{name} ({what}): density {100 * density:.1f}% at {lengths[-1]}", fontsize=8)
+        hx.set_xlabel("length", fontsize=7)
+        hx.set_ylabel("depth (%)", fontsize=7)
+    fig.text(0.01, 0.005, "* = needle not reachable from the last block within the model's layers", fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write(study: dict, out: Path) -> None:
+    tmp = out / ".study.json.tmp"
+    tmp.write_text(json.dumps(study, indent=1))
+    plot(study, out / "study.png")
+    os.replace(tmp, out / "study.json")
+
+
+def table(study: dict) -> str:
+    """Accuracy by depth at the longest length per pattern, theory in brackets."""
+    n = study["eval"]["lengths"][-1]
+    head = f"{'pattern':<15} {'density':>8} {'mean':>6} | passkey % by depth at {n} tokens (reachable %)"
+    lines = [head, " " * 32 + "  ".join(f"{100 * d:>7.0f}" for d in study["depths"])]
+    for name in PATTERNS:
+        e = study["patterns"].get(name)
+        if not e or "accuracy" not in e:
+            continue
+        cells = "  ".join(f"{100 * a:>3.0f}({100 * r:>3.0f})"
+                          for a, r in zip(e["accuracy"][-1], e["prediction"]["reachable"][-1]))
+        lines.append(f"{name:<15} {100 * e['density'][str(n)]:>7.1f}% {100 * e['mean_accuracy']:>5.0f}% | {cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for study.json, study.png, logs/ and runs/")
+    p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: the pipeline in minutes on a CPU")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids handed out round-robin to the jobs")
+    p.add_argument("--merge", nargs="+", metavar="STUDY_JSON", help="join the patterns of earlier runs")
+    p.add_argument("--predict", action="store_true", help="write the receptive-field prediction only")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. optim.lr=2e-3")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    bad = [o for o in args.overrides if "=" not in o or o.split("=")[0].lstrip("+~") in ("pattern", "output_dir")]
+    if bad:
+        p.error(f"overrides must be key=value and may not set pattern or output_dir (the study does): {bad}")
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    base = [f"+experiment={EXPERIMENT}", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
+    cfg = compose(base)  # a bad override fails here, before any training
+    ev = dict(SMOKE_EVAL if args.smoke else EVAL)
+    study = {"schema": SCHEMA, "environment": environment(), "experiment": EXPERIMENT, "overrides": base,
+             "smoke": args.smoke, "eval": ev, "patterns": {},
+             "model": {"layers": cfg.model.arch.num_hidden_layers, "hidden_size": cfg.model.arch.hidden_size,
+                       "block_size": cfg.pattern.block_size,
+                       "stages": [dict(s) for s in cfg.curriculum.stages]}}
+
+    from omegaconf import OmegaConf
+
+    from data import load_tokenizer
+    from data.config import as_data_config
+
+    if args.merge:
+        for f in args.merge:
+            part = json.loads(Path(f).read_text())
+            if part["overrides"] != study["overrides"] and not study["patterns"]:
+                study.update({k: part[k] for k in ("environment", "overrides", "eval", "model", "smoke")})
+            study["patterns"].update(part["patterns"])
+    else:
+        for name in args.patterns:  # the prediction exists before anything is trained
+            pcfg = compose([*base, f"pattern={name}"])
+            study["patterns"][name] = {"pattern": OmegaConf.to_container(pcfg.pattern, resolve=True)}
+            study["patterns"][name]["pattern"].pop("schedule", None)
+    tokenizer = load_tokenizer(as_data_config(OmegaConf.to_container(compose(study["overrides"]).data,
+                                                                     resolve=True)))
+    add_theory(study, tokenizer)
+    if args.predict or args.merge:
+        write(study, out)
+        print(table(study) if args.merge else json.dumps(
+            {n: e["prediction"]["reachable"][-1] for n, e in study["patterns"].items()}, indent=None))
+        return
+
+    prepare_data(cfg)
+    gpus = args.gpus.split(",") if args.gpus else [None]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {name: pool.submit(study_pattern, name, args, base, ev, gpus[i % len(gpus)])
+                   for i, name in enumerate(args.patterns)}
+        failed = {}
+        for name, fut in futures.items():
+            try:
+                study["patterns"][name].update(fut.result())
+                print(f"{name}: mean passkey {100 * study['patterns'][name]['mean_accuracy']:.0f}% "
+                      f"({study['patterns'][name]['train_seconds']:.0f} s training)", flush=True)
+            except RuntimeError as e:
+                failed[name] = str(e)
+                study["patterns"][name]["error"] = str(e)
+    study["seconds"] = round(time.perf_counter() - started, 1)
+    write(study, out)
+    print(table(study))
+    print(f"wrote {out / 'study.json'} and {out / 'study.png'} in {study['seconds']:.0f} s")
+    if failed:
+        sys.exit("failed: " + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in failed.items()))
+
+
+if __name__ == "__main__":
+    main()
