@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 class SourceConfig:
     """One corpus of the mixture.
 
-    `path` is a local file, glob or folder (jsonl/json/parquet/csv/arrow files; a .txt file is one
-    document; a `save_to_disk` folder; a `python -m data.prepare` output), or a hub dataset id when
-    online (`split` applies to hub ids and saved DatasetDicts). `weight` is the
-    source's share of training tokens (weights are normalised over sources). Documents of at least
+    `path` is a local file, glob or folder (jsonl/json/parquet/csv/arrow files, jsonl/json/txt/csv also
+    compressed as .gz/.zst/.bz2/.xz; a .txt file is one document; a `save_to_disk` folder; a
+    `python -m data.prepare` output), or a hub dataset id `owner/name` when online (`split` applies to
+    hub ids and saved DatasetDicts). `weight` is the source's share of training tokens (weights are
+    normalised over sources). `group_by` (a dotted field such as SlimPajama's
+    `meta.redpajama_set_name`) splits the source into one sub-source per value, named NAME/VALUE;
+    `group_weights` then sets their shares of the source's weight (every group named; 0 drops one),
+    else they share it in proportion to their tokens. Documents of at least
     `upsample_min_tokens` tokens appear `upsample_factor` times per epoch (fractions are drawn per
     epoch), the per-source long-document upsampling of Fu et al. / ProLong. `streaming` tokenises
     in one process while reading, and skips the Arrow copy `datasets` otherwise makes of local
@@ -28,6 +32,20 @@ class SourceConfig:
     max_docs: int | None = None
     upsample_min_tokens: int | None = None
     upsample_factor: float = 1.0
+    group_by: str | None = None        # dotted field, e.g. meta.redpajama_set_name: a sub-source per value
+    group_weights: dict[str, float] | None = None  # relative weights of the groups; None: by their tokens
+
+    def __post_init__(self) -> None:
+        if self.group_by is not None and not all(self.group_by.split(".")):
+            raise ValueError(f"data source {self.path!r}: group_by {self.group_by!r} is not a dotted field name")
+        if self.group_weights is None:
+            return
+        if self.group_by is None:
+            raise ValueError(f"data source {self.path!r}: group_weights needs group_by (the field to group on)")
+        bad = {g: w for g, w in self.group_weights.items() if not w >= 0}
+        if bad or not any(w > 0 for w in self.group_weights.values()):
+            raise ValueError(f"data source {self.path!r}: group_weights must be >= 0 with one > 0, got "
+                             f"{self.group_weights}")
 
 
 @dataclass

@@ -4,7 +4,11 @@
         --tokenizer /models/llama2/tokenizer.model --seq-len 32768 --output /data/prepared
 
 Each --input (optionally NAME=PATH) becomes DIR/NAME/ (tokens.bin, doc_offsets.npy, meta.json);
-DIR/manifest.json lists them with their counts, and DIR holds a copy of the tokenizer.
+DIR/manifest.json lists them with their counts, and DIR holds a copy of the tokenizer. Inputs are
+files, globs or folders of jsonl/json/parquet/csv/txt files (jsonl/json/txt/csv may be compressed:
+.gz, .zst, .bz2, .xz), `save_to_disk` folders or hub ids. With --group-by FIELD (a dotted field,
+e.g. meta.redpajama_set_name for SlimPajama) each input becomes DIR/NAME/VALUE/ stores, one per
+value of FIELD, reported separately; a source reading DIR can then weight them with group_weights.
 Documents are stored in input order; packing into seq_len rows happens in the loader (with per-epoch
 shuffling), so one prepared folder serves every curriculum stage; the report shows how the corpus
 packs at --seq-len. Everything is written to a temporary sibling folder and renamed into place
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import SourceConfig
-from data.sources import build_store, check_source, resolve, source_name
+from data.sources import build_groups, build_store, check_source, resolve, source_name
 from data.store import FORMAT_VERSION, TokenStore, atomic_write_json, make_tempdir
 from data.tokenizer import Tokenizer
 
@@ -40,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-field", default="text")
     p.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--max-docs", type=int, default=None, help="take at most this many documents per source")
+    p.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="split each input by this dotted field's value, e.g. meta.redpajama_set_name")
     p.add_argument("--streaming", action="store_true", help="stream inputs (hub ids) instead of caching them")
     p.add_argument("--cache-dir", default=None, help="datasets download/Arrow cache (default: HF's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -69,12 +75,13 @@ def _report(stores: list[TokenStore], seq_len: int) -> list[dict]:
 
 def _print_report(rows: list[dict], seq_len: int) -> None:
     total = sum(r["tokens"] for r in rows)
-    print(f"\n{'source':<20} {'docs':>10} {'tokens':>14} {'share':>7} {'mean doc':>9} {'max doc':>9} "
+    w = max(20, *(len(r["name"]) for r in rows))
+    print(f"\n{'source':<{w}} {'docs':>10} {'tokens':>14} {'share':>7} {'mean doc':>9} {'max doc':>9} "
           f"{f'>= {seq_len}':>9} {f'rows@{seq_len}':>11}")
     for r in rows:
-        print(f"{r['name']:<20} {r['docs']:>10,} {r['tokens']:>14,} {r['tokens'] / total:>7.1%} "
+        print(f"{r['name']:<{w}} {r['docs']:>10,} {r['tokens']:>14,} {r['tokens'] / total:>7.1%} "
               f"{r['mean_doc']:>9.0f} {r['max_doc']:>9,} {r['long_token_share']:>9.1%} {r['sequences']:>11,}")
-    print(f"{'total':<20} {sum(r['docs'] for r in rows):>10,} {total:>14,} {'':>7} {'':>9} {'':>9} {'':>9} "
+    print(f"{'total':<{w}} {sum(r['docs'] for r in rows):>10,} {total:>14,} {'':>7} {'':>9} {'':>9} {'':>9} "
           f"{sum(r['sequences'] for r in rows):>11,}")
     print(f"(column '>= {seq_len}': share of tokens in documents at least one row long)")
 
@@ -89,7 +96,7 @@ def prepare(args: argparse.Namespace) -> Path:
         raise FileExistsError(f"--output {str(out)!r} exists; pass --overwrite to replace it")
     srcs = [_split_input(s) for s in args.input]
     for s in srcs:
-        s.max_docs, s.streaming = args.max_docs, args.streaming
+        s.max_docs, s.streaming, s.group_by = args.max_docs, args.streaming, args.group_by
     names = [source_name(s) for s in srcs]
     if len(set(names)) != len(names):
         raise ValueError(f"source names {names} collide; name them with --input NAME=PATH")
@@ -100,16 +107,24 @@ def prepare(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tempdir(out.parent, out.name)
     try:
-        stores = []
+        stores, entries = [], []  # entries: (input, group) of each store
         for s, n, r in zip(srcs, names, resolved):
             print(f"[prepare] {n}: {s.path}", flush=True)
-            stores.append(build_store(s, tok, tmp / n, args.text_field, args.num_proc, args.cache_dir, r))
+            build = [args.text_field, args.num_proc, args.cache_dir, r]
+            if s.group_by:
+                for group, store in build_groups(s, tok, tmp / n, *build).items():
+                    stores.append(store)
+                    entries.append({"input": s.path, "group": group})
+            else:
+                stores.append(build_store(s, tok, tmp / n, *build))
+                entries.append({"input": s.path})
         rows = _report(stores, args.seq_len)
         tok.save(tmp)
         atomic_write_json(tmp / "manifest.json", {
             "format": FORMAT_VERSION, "seq_len": args.seq_len, "tokenizer": tok.hash,
             "tokenizer_path": tok.path, "text_field": args.text_field, "created": time.time(),
-            "sources": [{**row, "dir": row["name"], "input": s.path} for row, s in zip(rows, srcs)],
+            "sources": [{**row, **entry, "dir": st.path.relative_to(tmp).as_posix()}
+                        for row, entry, st in zip(rows, entries, stores)],
             "total_tokens": int(np.sum([r["tokens"] for r in rows])),
         })
         if out.exists():  # --overwrite: move the old folder aside only once the new one is complete

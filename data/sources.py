@@ -2,9 +2,11 @@
 tokenise with `datasets.map(num_proc=...)` and cache the result as a token store.
 
 The cache folder is `<cache_dir>/tokenized/<name>-<key>`, key = hash of (the files' paths, sizes
-and mtimes or the hub id, split, text field, max_docs, tokenizer hash): a second run with the same
-inputs opens the store without touching `datasets` or the tokenizer. The intermediate Arrow files
-of `datasets.map` are deleted once the store is published (the store holds the same ids, smaller).
+and mtimes or the hub id, split, text field, max_docs, group_by, tokenizer hash): a second run with
+the same inputs opens the store without touching `datasets` or the tokenizer. The intermediate Arrow
+files of `datasets.map` are deleted once the store is published (the store holds the same ids,
+smaller). A source with `group_by` caches a folder of stores, one per group value, plus groups.json
+(written last, the whole folder renamed into place when complete).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from data import groups
 from data.config import DataConfig, SourceConfig, as_data_config
+from data.groups import group_values
 from data.loader import Source
 from data.store import StoreWriter, TokenStore
 from data.tokenizer import Tokenizer, encode_documents
@@ -30,12 +35,19 @@ log = logging.getLogger(__name__)
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow",
             ".csv": "csv"}
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")  # read by `datasets` itself (.zst through zstandard)
 _GLOB_CHARS = set("*?[")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def _builder_of(path: str) -> str | None:
-    name = path[:-3] if path.endswith(".gz") else path
-    return BUILDERS.get(Path(name).suffix.lower())
+    name = path.lower()
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    builder = BUILDERS.get(Path(name).suffix)
+    compressed = name != path.lower()
+    return None if compressed and builder in ("parquet", "arrow") else builder
 
 
 def resolve(path: str, name: str) -> tuple[str, Any]:
@@ -61,6 +73,9 @@ def resolve(path: str, name: str) -> tuple[str, Any]:
         if not files:
             raise FileNotFoundError(f"data source {name!r}: glob {path!r} matches no files")
     elif _looks_like_hub_id(path):
+        if _offline():
+            raise FileNotFoundError(f"data source {name!r}: no file or folder at {path!r} (and HF offline mode "
+                                    "is on, so it is not tried as a hub dataset id)")
         return "hub", path
     else:
         raise FileNotFoundError(f"data source {name!r}: no file or folder at {path!r}")
@@ -76,9 +91,14 @@ def resolve(path: str, name: str) -> tuple[str, Any]:
 
 
 def _looks_like_hub_id(path: str) -> bool:
-    parts = path.split("/")
-    return (not path.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts)
-            and _builder_of(path) is None)
+    """`owner/name` with no data-file suffix, whose first part is not a local folder."""
+    owner = path.split("/")[0]
+    return bool(_HUB_ID.fullmatch(path)) and _builder_of(path) is None and not Path(owner).exists() \
+        and not path.lower().endswith(COMPRESSIONS)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in _OFFLINE)
 
 
 def source_name(src: SourceConfig) -> str:
@@ -99,8 +119,10 @@ def _cache_key(kind: str, target: Any, src: SourceConfig, field: str, tok: Token
         ident = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in target]
     else:
         ident = str(target)
-    blob = json.dumps([1, kind, ident, src.split, field, src.max_docs, tok.hash])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    parts = [1, kind, ident, src.split, field, src.max_docs, tok.hash]
+    if src.group_by:  # appended only when set, so ungrouped caches keep their keys
+        parts.append(["group_by", src.group_by])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _load_dataset(kind: str, target: Any, src: SourceConfig, hf_cache_dir, streaming: bool, where: str):
@@ -117,9 +139,10 @@ def _load_dataset(kind: str, target: Any, src: SourceConfig, hf_cache_dir, strea
     if kind == "hub":
         try:
             return datasets.load_dataset(target, split=src.split, streaming=streaming, cache_dir=cache)
-        except Exception as e:  # offline, unknown id, no such split: say what we tried
+        except Exception as e:  # offline, unknown id, no such split: say what we tried, on one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise FileNotFoundError(
-                f"{where}: not a local file/folder, and loading it as a hub dataset failed: {e}"
+                f"{where}: no local file or folder at {target!r}, and loading it as a hub dataset id failed: {reason}"
             ) from e
     # Plain .txt files: one document per file (sample_by="document"), as for books.
     extra = {"sample_by": "document"} if kind == "text" else {}
@@ -154,8 +177,11 @@ def _texts(batch: dict, field: str) -> list[str]:
     return out
 
 
-def _tokenize_batch(batch: dict, field: str, path: str, bos_id: int, eos_id: int) -> dict:
-    return {"input_ids": encode_documents(_texts(batch, field), path, bos_id, eos_id)}
+def _tokenize_batch(batch: dict, field: str, path: str, bos_id: int, eos_id: int, group_by: str | None) -> dict:
+    out = {"input_ids": encode_documents(_texts(batch, field), path, bos_id, eos_id)}
+    if group_by:
+        out["group"] = group_values(batch, group_by)
+    return out
 
 
 def tokenize_source(
@@ -168,30 +194,39 @@ def tokenize_source(
     if kind == "store":
         return [_source(src, name, _check_tokenizer(TokenStore(target), tokenizer))]
     if kind == "prepared":
-        return _prepared_sources(src, target, tokenizer)
+        return _prepared_sources(src, name, target, tokenizer)
     field = src.text_field or text_field
     store_dir = cache_dir / "tokenized" / f"{name}-{_cache_key(kind, target, src, field, tokenizer)}"
-    if TokenStore.is_complete(store_dir):
+    hit = groups.is_complete(store_dir) if src.group_by else TokenStore.is_complete(store_dir)
+    if hit:
         log.info("data source %r: tokenised cache hit %s", name, store_dir)
-        return [_source(src, name, TokenStore(store_dir))]
-    store = build_store(src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved=(kind, target))
+    resolved = (kind, target)
+    if src.group_by:
+        stores = groups.open_groups(store_dir) if hit else build_groups(
+            src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved)
+        return _group_sources(src, name, stores)
+    store = TokenStore(store_dir) if hit else build_store(
+        src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved)
     return [_source(src, name, store)]
 
 
 def check_source(
     src: SourceConfig, text_field: str = "text", resolved: tuple[str, Any] | None = None
 ) -> None:
-    """Cheap pre-flight: the source exists, reads, is not empty and has its text field (peeks one row)."""
+    """Cheap pre-flight: the source exists, reads, is not empty, has its text (and group_by) field (peeks one row)."""
     name = source_name(src)
     kind, target = resolved or resolve(src.path, name)
     if kind in ("store", "prepared"):
         return
     where, field = f"data source {name!r} ({src.path})", src.text_field or text_field
-    cols = _columns(_load_dataset(kind, target, src, None, True, where))
+    ds = _load_dataset(kind, target, src, None, True, where)
+    cols = _columns(ds)
     if not cols:
         raise ValueError(f"{where}: the dataset is empty (no documents)")
     if field not in cols:
         raise ValueError(f"{where}: text field {field!r} not found; columns are {cols}")
+    if src.group_by:
+        groups.check_group_field(next(iter(ds)), src.group_by, where)
 
 
 def build_store(
@@ -199,7 +234,24 @@ def build_store(
     num_proc: int = 1, hf_cache_dir: str | os.PathLike | None = None, resolved: tuple[str, Any] | None = None,
 ) -> TokenStore:
     """Load a raw source with `datasets`, tokenise it ([BOS] text [EOS] per document) into a new store."""
-    name, store_dir = source_name(src), Path(store_dir)
+    if src.group_by:
+        raise ValueError(f"data source {source_name(src)!r} has group_by {src.group_by!r}: use build_groups")
+    return _build(src, tokenizer, Path(store_dir), text_field, num_proc, hf_cache_dir, resolved)
+
+
+def build_groups(
+    src: SourceConfig, tokenizer: Tokenizer, out_dir: str | os.PathLike, text_field: str = "text",
+    num_proc: int = 1, hf_cache_dir: str | os.PathLike | None = None, resolved: tuple[str, Any] | None = None,
+) -> dict[str, TokenStore]:
+    """As build_store, one store per value of src.group_by, in a grouped folder (see data.groups)."""
+    if not src.group_by:
+        raise ValueError(f"data source {source_name(src)!r} has no group_by")
+    return _build(src, tokenizer, Path(out_dir), text_field, num_proc, hf_cache_dir, resolved)
+
+
+def _build(src: SourceConfig, tokenizer: Tokenizer, out_dir: Path, text_field: str, num_proc: int,
+           hf_cache_dir, resolved):
+    name = source_name(src)
     kind, target = resolved or resolve(src.path, name)
     if kind in ("store", "prepared"):
         raise ValueError(f"data source {name!r}: {src.path!r} is already tokenised ({kind})")
@@ -213,27 +265,35 @@ def build_store(
         raise ValueError(f"{where}: the dataset is empty (no documents)")
     if field not in cols:
         raise ValueError(f"{where}: text field {field!r} not found; columns are {cols}")
-    with StoreWriter(store_dir, tokenizer.vocab_size, meta) as w:
+    if src.group_by and src.group_by.split(".")[0] not in cols:
+        raise ValueError(f"{where}: group_by field {src.group_by!r} not found; columns are {cols}")
+    writer = groups.GroupWriter if src.group_by else StoreWriter
+    with writer(out_dir, tokenizer.vocab_size, meta) as w:
         try:
             if src.streaming:
-                _tokenize_streaming(ds, w, field, tokenizer, src.max_docs, name)
+                _tokenize_streaming(ds, w, field, tokenizer, src.max_docs, name, src.group_by)
             else:
-                _tokenize_map(ds, w, field, tokenizer, src.max_docs, num_proc, store_dir, name)
-        except TypeError as e:
-            raise TypeError(f"{where}: {e}") from None
-        store = w.commit()
-    log.info("data source %r: %d docs, %d tokens -> %s", name, store.num_docs, store.num_tokens, store_dir)
-    return store
+                _tokenize_map(ds, w, field, tokenizer, src.max_docs, num_proc, out_dir, name, src.group_by)
+        except (TypeError, groups.GroupError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        result = w.commit()
+    for sub, store in (result.items() if src.group_by else [(None, result)]):
+        log.info("data source %r%s: %d docs, %d tokens -> %s", name, f" group {sub!r}" if sub else "",
+                 store.num_docs, store.num_tokens, store.path)
+    return result
 
 
-def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int | None, num_proc: int,
-                  store_dir: Path, name: str) -> None:
+def _tokenize_map(ds, w, field: str, tok: Tokenizer, max_docs: int | None, num_proc: int,
+                  store_dir: Path, name: str, group_by: str | None) -> None:
     if max_docs is not None:
         ds = ds.select(range(min(max_docs, len(ds))))
     if len(ds) == 0:
         raise ValueError(f"data source {name!r}: the dataset is empty (no documents)")
     import datasets
 
+    features = {"input_ids": datasets.Sequence(datasets.Value("int32"))}
+    if group_by:
+        features["group"] = datasets.Value("string")
     map_dir = store_dir.parent / f".map-{store_dir.name}"
     map_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -241,33 +301,48 @@ def _tokenize_map(ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int 
             _tokenize_batch, batched=True, batch_size=256, remove_columns=ds.column_names,
             num_proc=max(1, min(num_proc, len(ds))) if num_proc > 1 else None,
             fn_kwargs={"field": field, "path": tok.path, "bos_id": tok.bos_id if tok.add_bos else -1,
-                       "eos_id": tok.eos_id},
+                       "eos_id": tok.eos_id, "group_by": group_by},
             cache_file_name=str(map_dir / "tokens.arrow"), new_fingerprint=store_dir.name,
-            features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
-            desc=f"tokenising {name}",
+            features=datasets.Features(features), desc=f"tokenising {name}",
         )
-        for chunk in out.data.column("input_ids").chunks:
-            w.add(chunk.flatten().to_numpy(), chunk.value_lengths().to_numpy())
+        for batch in out.data.to_batches():  # record batches: the columns' rows line up
+            ids = batch.column("input_ids")
+            values, lengths = ids.flatten().to_numpy(), ids.value_lengths().to_numpy()
+            if group_by:
+                w.add(values, lengths, batch.column("group").to_numpy(zero_copy_only=False))
+            else:
+                w.add(values, lengths)
         del out
     finally:
         shutil.rmtree(map_dir, ignore_errors=True)
 
 
 def _tokenize_streaming(
-    ds, w: StoreWriter, field: str, tok: Tokenizer, max_docs: int | None, name: str
+    ds, w, field: str, tok: Tokenizer, max_docs: int | None, name: str, group_by: str | None
 ) -> None:
     texts: list[str] = []
+    labels: list[str] = []
     n = 0
+
+    def flush():
+        docs = tok.encode_batch(texts, eos=True)
+        if group_by:
+            w.add_docs(docs, labels)
+        else:
+            w.add_docs(docs)
+
     for row in tqdm(ds, desc=f"tokenising {name} (streaming)", unit=" docs", total=max_docs):
         if max_docs is not None and n >= max_docs:
             break
         texts += _texts({field: [row[field]]}, field)
+        if group_by:
+            labels += group_values({k: [v] for k, v in row.items()}, group_by)
         n += 1
         if len(texts) == 1024:
-            w.add_docs(tok.encode_batch(texts, eos=True))
-            texts = []
+            flush()
+            texts, labels = [], []
     if texts:
-        w.add_docs(tok.encode_batch(texts, eos=True))
+        flush()
 
 
 def _check_tokenizer(store: TokenStore, tok: Tokenizer) -> TokenStore:
@@ -279,17 +354,19 @@ def _check_tokenizer(store: TokenStore, tok: Tokenizer) -> TokenStore:
     return store
 
 
-def _prepared_sources(src: SourceConfig, root: Path, tok: Tokenizer) -> list[Source]:
-    # A prepare output expands to its sources, sharing src.weight in proportion to their tokens;
-    # they are named "NAME/sub" when the source has a name, else by their own names.
+def _prepared_sources(src: SourceConfig, name: str, root: Path, tok: Tokenizer) -> list[Source]:
+    # A prepare output expands to its stores, sharing src.weight in proportion to their tokens (or by
+    # group_weights over the groups a --group-by prepare recorded); they are named "NAME/sub" when
+    # the source has a name, else by their own names.
     manifest = json.loads((root / "manifest.json").read_text())
-    stores = [_check_tokenizer(TokenStore(root / s["dir"]), tok) for s in manifest["sources"]]
-    total = sum(s.num_tokens for s in stores)
-    return [
-        Source(f"{src.name}/{s.name}" if src.name else s.name, s, src.weight * s.num_tokens / total,
-               src.upsample_min_tokens, src.upsample_factor)
-        for s in stores
-    ]
+    entries = [(f"{src.name}/{st.name}" if src.name else st.name, s.get("group"), st)
+               for s in manifest["sources"] for st in [_check_tokenizer(TokenStore(root / s["dir"]), tok)]]
+    return groups.mixture(src, entries, f"data source {name!r} ({src.path})")
+
+
+def _group_sources(src: SourceConfig, name: str, stores: dict[str, TokenStore]) -> list[Source]:
+    entries = [(f"{name}/{g}", g, st) for g, st in stores.items()]
+    return groups.mixture(src, entries, f"data source {name!r} ({src.path})")
 
 
 def _source(src: SourceConfig, name: str, store: TokenStore) -> Source:

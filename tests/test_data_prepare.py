@@ -89,3 +89,28 @@ def test_prepare_errors_leave_nothing(corpus, capsys):
         assert msg in capsys.readouterr().err, args
         assert not (d / "bad").exists()
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_prepare_slimpajama_chunks_split_by_subset(corpus, tmp_path, capsys):
+    from test_data_sources import slimpajama_layout
+
+    _, tok, _ = corpus
+    by_set = slimpajama_layout(tmp_path / "sp")
+    out = tmp_path / "out"
+    chunks = f"slimpajama={tmp_path}/sp/train/chunk*/example_train_*.jsonl.zst"
+    args = ["--input", chunks, "--group-by", "meta.redpajama_set_name", "--tokenizer", tok.path, "--seq-len", 64,
+            "--output", out, "--num-proc", 1]
+    assert main([str(a) for a in args]) == 0
+    report = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    want = {n: sum(len(tok.encode_document(t)) for t in ts) for n, ts in by_set.items()}
+    assert {s["group"]: s["tokens"] for s in manifest["sources"]} == want
+    assert {s["dir"] for s in manifest["sources"]} == {f"slimpajama/{n}" for n in want}
+    assert all(f"slimpajama/{n}" in report for n in want)
+
+    # The prepared folder as a source: its subsets weighted by group_weights.
+    weights = {"RedPajamaCommonCrawl": 2, "RedPajamaBook": 1, "RedPajamaArXiv": 1}
+    cfg = SourceConfig(path=str(out), name="sp", group_by="meta.redpajama_set_name", group_weights=weights)
+    srcs = tokenize_source(cfg, tok, tmp_path / "cache")
+    assert {s.name: s.weight for s in srcs} == {f"sp/slimpajama/{n}": w / 4 for n, w in weights.items()}
+    assert not (tmp_path / "cache").exists()

@@ -1,5 +1,7 @@
-"""Sources via HF datasets: formats, tokenisation cache, streaming, num_proc, errors, default data."""
+"""Sources via HF datasets: formats (compressed too), SlimPajama's layout and subsets, tokenisation cache,
+streaming, num_proc, errors (missing paths vs hub ids), default data."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -142,3 +144,137 @@ def test_embedded_default_end_to_end(tmp_path, monkeypatch):
 
 def _equal_batch(a, b):
     return all((a[k] == b[k]).all() if hasattr(a[k], "shape") else a[k] == b[k] for k in a)
+
+
+# ---- corpora as downloaded: compressed jsonl, SlimPajama's chunk layout and subsets, hub ids ----------
+
+SETS = {"RedPajamaCommonCrawl": 0, "RedPajamaBook": 1, "RedPajamaArXiv": 2}
+
+
+def slimpajama_layout(root, texts=TEXTS):
+    """A miniature cerebras/SlimPajama-627B download: {train,validation}/chunk*/example_*.jsonl.zst."""
+    import zstandard
+
+    names = list(SETS)
+    by_set = {n: [] for n in names}
+    for split, chunks, files in (("train", 2, 2), ("validation", 1, 1)):
+        for c in range(1, chunks + 1):
+            for f in range(files):
+                kind = "train" if split == "train" else "holdout"
+                path = root / split / f"chunk{c}" / f"example_{kind}_{f}.jsonl.zst"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                rows = []
+                for i in range(6):
+                    t = texts[(c * 7 + f * 13 + i * 3) % len(texts)] + (" holdout" if split != "train" else "")
+                    name = names[(c + f + i) % len(names)]
+                    rows.append({"text": t, "meta": {"redpajama_set_name": name}})
+                    if split == "train":
+                        by_set[name].append(t)
+                lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    return by_set
+
+
+@pytest.mark.parametrize("ext", [".gz", ".zst", ".bz2", ".xz"])
+def test_compressed_jsonl(tok, tmp_path, ext):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    compress = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress, ".bz2": bz2.compress,
+                ".xz": lzma.compress}[ext]
+    data = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:20]).encode()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / f"part.jsonl{ext}").write_bytes(compress(data))
+    want = [tok.encode_document(t) for t in TEXTS[:20]]
+    (src,) = tokenize_source(SourceConfig(path=str(tmp_path / "in")), tok, tmp_path / "c")  # a folder of them
+    assert src.name == "in" and _docs(src.store) == want
+    glob_cfg = SourceConfig(path=str(tmp_path / "in" / f"*.jsonl{ext}"), name="s", streaming=True)
+    assert _docs(tokenize_source(glob_cfg, tok, tmp_path / "c")[0].store) == want
+
+
+def test_slimpajama_layout_through_its_config(tok, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from data.config import as_data_config
+    from data.loader import PackedLoader
+
+    by_set = slimpajama_layout(tmp_path / "SlimPajama-627B")
+    monkeypatch.setenv("POWERATTN_DATA", str(tmp_path))  # the config's default root
+    monkeypatch.delenv("SLIMPAJAMA", raising=False)
+    yaml = OmegaConf.load(sources_mod.__file__.replace("data/sources.py", "configs/data/slimpajama.yaml"))
+    yaml.tokenizer, yaml.cache_dir = tok.path, str(tmp_path / "cache")
+    cfg = as_data_config(yaml)
+    srcs = load_sources(cfg, tok)
+    # One sub-source per RedPajama subset, train chunks only, weighted by tokens (SlimPajama's own mixture).
+    want = {f"slimpajama/{n}": sorted(tok.encode_document(t) for t in ts) for n, ts in by_set.items()}
+    assert {s.name: sorted(_docs(s.store)) for s in srcs} == want
+    tokens = {s.name: s.store.num_tokens for s in srcs}
+    assert all(abs(s.weight - tokens[s.name] / sum(tokens.values())) < 1e-9 for s in srcs)
+    assert all(s.upsample_factor == 3.0 for s in srcs)
+    assert next(PackedLoader(srcs, seq_len=64, batch_size=2))["input_ids"].shape == (2, 64)
+    mapped = dataclasses.replace(cfg.sources[0], streaming=False, max_docs=None)  # datasets.map path: same stores
+    assert {s.name: _docs(s.store) for s in tokenize_source(mapped, tok, tmp_path / "c2")} == \
+        {s.name: _docs(s.store) for s in srcs}
+
+    # Reweighted subsets (0 drops one) from the same cache: no re-tokenisation.
+    monkeypatch.setattr(sources_mod, "build_groups", lambda *a, **k: pytest.fail("re-tokenised"))
+    cfg.sources[0].group_weights = {"RedPajamaCommonCrawl": 3, "RedPajamaBook": 1, "RedPajamaArXiv": 0}
+    assert {s.name: s.weight for s in load_sources(cfg, tok)} == {
+        "slimpajama/RedPajamaCommonCrawl": 0.75, "slimpajama/RedPajamaBook": 0.25}
+    cfg.sources[0].group_weights = {"RedPajamaCommonCrawl": 1, "RedPajamaBooks": 1}
+    with pytest.raises(ValueError, match=r"not found: \['RedPajamaBooks'\]; without a weight: "
+                                         r"\['RedPajamaArXiv', 'RedPajamaBook'\]"):
+        load_sources(cfg, tok)
+
+
+def test_group_by_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="group_weights needs group_by"):
+        SourceConfig(path="x", group_weights={"a": 1})
+    with pytest.raises(ValueError, match="must be >= 0 with one > 0"):
+        SourceConfig(path="x", group_by="meta.set", group_weights={"a": 0})
+    f = _jsonl(tmp_path / "d.jsonl", TEXTS[:5])  # rows {"text", "n"}: no meta
+    for streaming in (False, True):
+        cfg = SourceConfig(path=str(f), group_by="meta.set", streaming=streaming)
+        with pytest.raises(ValueError, match=r"group_by field 'meta.set' not found; columns are \['text', 'n'\]"):
+            tokenize_source(cfg, tok, tmp_path / "c")
+    from data.sources import check_source
+
+    with pytest.raises(ValueError, match="group_by field 'n.x' not found in the first document"):
+        check_source(SourceConfig(path=str(f), group_by="n.x"))
+    part = tmp_path / "part.jsonl"
+    part.write_text(json.dumps({"text": "a", "meta": {"set": "A"}}) + "\n" + json.dumps({"text": "b", "meta": {}}))
+    with pytest.raises(ValueError, match=r"part.jsonl.*group_by field 'meta.set' is missing or empty in a document"):
+        tokenize_source(SourceConfig(path=str(part), group_by="meta.set"), tok, tmp_path / "c")
+    assert not [p for p in (tmp_path / "c" / "tokenized").iterdir() if not p.name.startswith(".map")]
+
+
+def test_missing_paths_are_not_hub_ids(tok, tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def hub(path, **kw):
+        calls.append(path)
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)\nTraceback lines")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    (tmp_path / "corpora").mkdir()
+    for path in ("corpora/web", "corpora/web/part.jsonl", "web.jsonl.zst", "./web", "a/b/c", "corpus"):
+        with pytest.raises(FileNotFoundError, match=f"no file or folder at '{path}'$"):
+            tokenize_source(SourceConfig(path=path), tok, tmp_path / "c")
+    assert calls == []  # none of these looked like a hub id
+    with pytest.raises(FileNotFoundError) as e:  # owner/name: tried on the hub, failure on one line
+        tokenize_source(SourceConfig(path="someone/corpus"), tok, tmp_path / "c")
+    assert calls == ["someone/corpus"] and "\n" not in str(e.value)
+    assert "no local file or folder at 'someone/corpus', and loading it as a hub dataset id failed: " \
+           "Couldn't reach" in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="'someone/corpus' .*offline mode is on, so it is not tried"):
+        tokenize_source(SourceConfig(path="someone/corpus"), tok, tmp_path / "c")
+    assert calls == ["someone/corpus"]
