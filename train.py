@@ -11,6 +11,7 @@ after another, with the curriculum, checkpoints and graceful stops around it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import hydra
@@ -19,12 +20,16 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(composed: DictConfig) -> None:
+    from powerattn.manifest import ManifestError
+    from powerattn.model import CheckpointError
     from powerattn.training import ConfigError, NonFiniteLossError
 
     try:
         train(composed)
-    except (ConfigError, NonFiniteLossError) as e:  # a clear message, not a traceback
-        sys.exit(f"error: {e}")
+    except (ConfigError, CheckpointError, ManifestError, NonFiniteLossError) as e:  # one line, no traceback
+        # A config error is the same on every rank: rank 0 says it once.
+        quiet = isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"
+        sys.exit(1 if quiet else f"error: {e}")
 
 
 def train(composed: DictConfig) -> None:
@@ -41,9 +46,11 @@ def train(composed: DictConfig) -> None:
         build_engine,
         build_model,
         capture_rng,
+        check_inputs,
         check_model,
         deepspeed_config,
         final_report,
+        follow_config,
         init_distributed,
         load_checkpoint,
         load_config,
@@ -51,22 +58,30 @@ def train(composed: DictConfig) -> None:
         peak_memory_gb,
         plan_curriculum,
         prepare_run_dir,
+        process_layout,
         resolve_precision,
-        resolve_resume,
         restore_rng,
+        resume_point,
         set_stage_batch,
-        signature,
         train_step,
         write_checkpoint,
     )
 
-    # Setup: validate everything cheap first, then data, model, engine, and the resume point.
+    # Checks that need no process group, folder or weights: the config, the process layout, the model
+    # folder, tokenizer and data paths, the checkpoint a resume would take. Each fails in one line.
     cfg = load_config(composed)
+    layout = process_layout(cfg.parallel.sequence_parallel_size)
+    curriculum = plan_curriculum(cfg.curriculum.stages, cfg.batch, layout.dp_size, layout.sp_size)
+    check_inputs(cfg, layout)
+    if cfg.check_only:
+        return
+
+    # Setup: processes, the run folder, the resume point (checked against its manifest), data, model, engine.
     dist = init_distributed(cfg.parallel.sequence_parallel_size)
-    curriculum = plan_curriculum(cfg.curriculum.stages, cfg.batch, dist.dp_size, dist.sp_size)
     run_dir = prepare_run_dir(cfg, composed, dist)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, dist.rank, dist.barrier)
-    resume, state = resolve_resume(cfg, ckpt, signature(cfg, dist))
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, dist)
+    resume = resume_point(cfg, ckpt, dist)
+    state = resume.state
     stage = curriculum.stage_at(state.step)
 
     data_cfg = dataclasses.replace(cfg.data, seq_len=stage.seq_len)
@@ -75,18 +90,22 @@ def train(composed: DictConfig) -> None:
     arch = check_model(cfg, tokenizer.vocab_size, dist.sp_size)  # reads config.json only
     precision, dtype = resolve_precision(cfg.precision, dist.device)
     ds_config = deepspeed_config(cfg, stage, precision)
-    lm = build_model(cfg, arch, tokenizer.bos_id, tokenizer.eos_id, ds_config, dtype, dist.device)
+    lm = build_model(cfg, arch, tokenizer.bos_id, tokenizer.eos_id, ds_config, dtype, dist.device, resume.weights)
     engine = build_engine(lm, cfg, ds_config, dist, curriculum.total_steps)
-    if resume is not None:
-        load_checkpoint(engine, resume)
+    if resume.path is not None:
+        if not resume.weights_only:
+            load_checkpoint(engine, resume.path, cfg.checkpoint.weights_only)
         loader.load_state_dict(state.loader)
         restore_rng(state.rng)
+    follow_config(engine.lr_scheduler, cfg.optim, curriculum.total_steps, state.step)  # the new lr, if changed
 
     log = MetricsLogger(cfg, run_dir, dist.is_main, curriculum.total_steps, state.step,
                         peak_flops(dist.device, cfg.peak_tflops), dist.world_size, state.wandb_id)
     state.wandb_id = log.wandb_id
     log.message(f"run folder {run_dir}; {dist.world_size} process(es), sequence parallel {dist.sp_size}, "
-                f"{precision}; " + (f"resuming {resume} at step {state.step}" if resume else "from scratch"))
+                f"{precision}; " + (f"resuming {resume.path} at step {state.step}" if resume.path else "from scratch")
+                + (" (its model/ weights, a fresh optimizer)" if resume.weights_only else "")
+                + (f"; config changes: {resume.changes}" if resume.changes else ""))
     log.message(curriculum.describe())
     flops_of = FlopCounter(lm.config, lm.layer_patterns)
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row, state.nonfinite_in_row)

@@ -5,10 +5,27 @@
 #   NPROC=4 launch/torchrun.sh +experiment=paper_qwen2_32k parallel.sequence_parallel_size=4
 #
 # NPROC: processes (default: the GPUs nvidia-smi lists, else 1). Running the same command again resumes
-# from the run's latest checkpoint (resume=auto). Ctrl-C stops at once; `kill -TERM <torchrun pid>` or
-# `touch <output_dir>/STOP` checkpoints after the current step and exits 0.
+# from the run's latest checkpoint (resume=auto). Ctrl-C stops at once; `kill -TERM <pid of this script>`
+# (or SIGUSR1, or `touch <output_dir>/STOP`) makes every rank finish its step and write one checkpoint,
+# and the script exits 0. The signal goes to the training processes, not to torchrun: torchrun would
+# report it as a failure and SIGKILL workers still checkpointing after its --shutdown-timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}
 [ "${NPROC:-0}" -ge 1 ] || NPROC=1
-exec python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py "$@"
+
+# The config, the paths it names and the checkpoint a resume would take, checked once for NPROC
+# processes: a mistake is one line here, not one per rank inside torchrun's failure report.
+WORLD_SIZE=$NPROC python train.py "$@" check_only=true
+
+python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py "$@" &
+TORCHRUN=$!
+workers() { cat /proc/"$TORCHRUN"/task/*/children 2>/dev/null || true; }
+forward() { for pid in $(workers); do kill -s "$1" "$pid" 2>/dev/null || true; done; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+while true; do  # a trapped signal interrupts `wait`; keep waiting for torchrun itself
+    wait "$TORCHRUN" && status=0 || status=$?
+    kill -0 "$TORCHRUN" 2>/dev/null || break
+done
+exit "$status"

@@ -99,16 +99,17 @@ def _setup(tmp_path):
 
 def test_resume_auto_continues_only_the_same_run(tmp_path):
     cfg, dist, ckpt = _setup(tmp_path)
-    assert resolve_resume(cfg, ckpt, signature(cfg, dist))[0] is None  # nothing yet: from scratch
+    assert resolve_resume(cfg, ckpt, signature(cfg, dist)).path is None  # nothing yet: from scratch
     saved = ckpt.save(4, _writer, TrainerState(step=4, config=signature(cfg, dist)))
-    path, state = resolve_resume(cfg, ckpt, signature(cfg, dist))
-    assert path == saved and state.step == 4
+    resume = resolve_resume(cfg, ckpt, signature(cfg, dist))
+    assert resume.path == saved and resume.state.step == 4 and not resume.changes
     changed = replace(cfg, optim=replace(cfg.optim, lr=1.0))
     with pytest.raises(ConfigError, match=r"optim\.lr: 0\.0003 -> 1\.0"):
         resolve_resume(changed, ckpt, signature(changed, dist))
     # Named explicitly, a checkpoint of another config is taken (a deliberate continuation).
     explicit = replace(changed, resume=str(saved))
-    assert resolve_resume(explicit, ckpt, signature(explicit, dist))[0] == saved
+    resume = resolve_resume(explicit, ckpt, signature(explicit, dist))
+    assert resume.path == saved and resume.changes == ["optim.lr: 0.0003 -> 1.0"] and not resume.weights_only
 
 
 def test_resume_none_and_bad_paths(tmp_path):
@@ -116,7 +117,7 @@ def test_resume_none_and_bad_paths(tmp_path):
     ckpt.save(1, _writer, TrainerState(step=1, config=signature(cfg, dist)))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         resolve_resume(replace(cfg, resume="none"), ckpt, signature(cfg, dist))
-    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+    with pytest.raises(ConfigError, match="resume: no folder at"):
         resolve_resume(replace(cfg, resume=str(tmp_path / "nowhere")), ckpt, signature(cfg, dist))
 
 
@@ -125,8 +126,16 @@ def test_zero_partitions_need_the_same_layout(tmp_path):
     cfg.deepspeed = {"zero_optimization": {"stage": 3}}
     ckpt.save(1, _writer, TrainerState(step=1, config=signature(cfg, dist)))
     two = Dist(0, 2, 0, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="layout.world_size: 1 -> 2"):
+    with pytest.raises(ConfigError, match=r"saved by 1 process\(es\).*this run has 2 .*launch 1 process\(es\), "
+                                          "or add resume_optimizer=false"):
         resolve_resume(cfg, ckpt, signature(cfg, two))
+    # Asked for, the weights alone continue on another layout (a fresh optimizer).
+    resume = resolve_resume(replace(cfg, resume_optimizer=False), ckpt, signature(cfg, two))
+    assert resume.weights_only and resume.weights == resume.path / "model"
+    # Without ZeRO partitions the whole state loads into any layout, and the run is the same run.
+    cfg.deepspeed = {}
+    ckpt.save(2, _writer, TrainerState(step=2, config=signature(cfg, dist)))
+    assert resolve_resume(cfg, ckpt, signature(cfg, two)).path.name == "step_000002"
 
 
 def test_metrics_of_recomputed_steps_are_dropped_on_resume(tmp_path):

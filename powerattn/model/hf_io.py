@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from powerattn.manifest import LEVELS, ManifestError, publish_permissions, verify_if_sealed
 from powerattn.model.config import CheckpointError, LlamaConfig, load_config
 from powerattn.model.llama import LlamaForCausalLM
 from powerattn.model.zero3 import (
@@ -147,7 +148,7 @@ def _saved_attention(config: LlamaConfig, pattern: Pattern | None, schedule):
 def from_pretrained(
     path: str | os.PathLike, pattern: Pattern | None = None, dtype: torch.dtype | str | None = None,
     attention_schedule: str | list[int] | None = None, device: torch.device | str | None = None,
-    backend: str = "auto", deepspeed_config: dict | str | None = None, **config_overrides,
+    backend: str = "auto", deepspeed_config: dict | str | None = None, verify: str = "hash", **config_overrides,
 ) -> LlamaForCausalLM:
     """Load an HF LLaMA-family folder into LlamaForCausalLM.
 
@@ -157,13 +158,21 @@ def from_pretrained(
     deepspeed_config: a ZeRO-3 config (dict or JSON path) builds the model under
     deepspeed.zero.Init and each rank reads only its own partition (placed where the config says;
     `device` is ignored); other stages load normally. Every rank must call it then.
+    verify: a folder sealed by a manifest (a training checkpoint's model/) is checked against it first:
+    "hash" (every byte, sha256), "size" (file sizes only) or "none"; unsealed folders are not checked.
     config_overrides: LlamaConfig fields such as activation_checkpointing=True, loss_chunk_size=4096.
-    Raises FileNotFoundError (no folder, config.json or weights) and CheckpointError (not
-    LLaMA-family, missing/unexpected tensors, shape mismatches), before reading any weights.
+    Raises FileNotFoundError (no folder, config.json or weights) and CheckpointError (damaged per its
+    manifest, not LLaMA-family, missing/unexpected tensors, shape mismatches), before reading any weights.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist")
+    if verify not in LEVELS:
+        raise ValueError(f"verify={verify!r} is not one of {LEVELS}")
+    try:
+        verify_if_sealed(path, verify)
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
     config = load_config(path, **config_overrides)
     dtype = _resolve_dtype(dtype, config)
     pattern, attention_schedule = _saved_attention(config, pattern, attention_schedule)
@@ -316,6 +325,7 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_sha
                 src = os.path.join(tokenizer_src, name)
                 if os.path.isfile(src):
                     shutil.copy2(src, os.path.join(tmp, name))
+            publish_permissions(tmp)  # mkdtemp makes 0700 and safetensors 0600: follow the umask instead
             _replace_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:

@@ -1,10 +1,13 @@
-"""Checkpoints: `checkpoints/step_NNNNNN/{model/, engine/, trainer_state.json}` and `checkpoints/latest`.
+"""Checkpoints: `checkpoints/step_NNNNNN/{model/, engine/, trainer_state.json, manifest.json}` and
+`checkpoints/latest`.
 
-A checkpoint is written into a hidden `.step_NNNNNN.partial` folder, renamed into place once every
-rank has finished, and only then named by `latest` (written atomically). A crash at any moment
-therefore leaves `latest` on the previous complete checkpoint; leftover partial folders are removed
-at the next start. The newest `keep_last` complete checkpoints are kept. Ranks must share a file
-system (every rank writes its own DeepSpeed shards).
+A checkpoint is written into a hidden `.step_NNNNNN.partial` folder; when every rank has finished,
+its files get the umask's permissions and `manifest.json` (size + sha256 of every file, hashed by all
+ranks in parallel) is written last; the folder is renamed into place and only then named by `latest`
+(written atomically). A crash at any moment therefore leaves `latest` on the previous complete
+checkpoint; leftover partial folders are removed at the next start. Resuming checks a checkpoint
+against its manifest first (`check`). The newest `keep_last` complete checkpoints are kept. Ranks
+must share a file system (every rank writes its own DeepSpeed shards).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from powerattn import manifest
+from powerattn.manifest import MANIFEST, ManifestError
+from powerattn.model import CheckpointError
+from powerattn.training.distributed import Dist
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -93,49 +102,78 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
-class Checkpointer:
-    """Save, publish, rotate and find checkpoints under `root` (the run's checkpoints/ folder)."""
+def _solo() -> Dist:
+    return Dist(0, 1, 0, torch.device("cpu"))
 
-    def __init__(self, root: str | os.PathLike, keep_last: int, rank: int = 0,
-                 barrier: Callable[[], None] = lambda: None):
-        self.root, self.keep_last, self.rank, self.barrier = Path(root), keep_last, rank, barrier
+
+def step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+class Checkpointer:
+    """Save, seal, publish, rotate, find and check checkpoints under `root` (the run's checkpoints/ folder).
+
+    `dist` gives the rank, barriers and the object collectives that spread hashing over ranks; without
+    one, the calling process does everything (tests, tools, the checks before distributed init).
+    """
+
+    def __init__(self, root: str | os.PathLike, keep_last: int, dist: Dist | None = None):
+        self.root, self.keep_last, self.dist = Path(root), keep_last, dist or _solo()
+        self.rank = self.dist.rank
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Sealed checkpoints (manifest written; not yet checked against it), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+        found = [(step, p) for p in self.root.iterdir()
+                 if (step := step_of(p)) is not None and (p / MANIFEST).is_file()]
         return [p for _, p in sorted(found)]
 
-    def latest(self) -> Path | None:
-        """The checkpoint `latest` names, if it is complete."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
+    def pointer(self) -> Path | None:
+        """The folder `latest` names (whatever its state), or None without a readable `latest`."""
+        try:
+            name = (self.root / LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
             return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / STATE_FILE).is_file() else None
+        return self.root / name if _STEP_DIR.match(name) else None
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names, if it is sealed."""
+        path = self.pointer()
+        return path if path is not None and (path / MANIFEST).is_file() else None
+
+    def candidates(self) -> list[Path]:
+        """What resume=auto tries, in order: the checkpoint `latest` names, then older sealed ones, newest first."""
+        named = self.pointer()
+        older = [p for p in reversed(self.complete()) if p != named]
+        if named is not None:
+            older = [p for p in older if step_of(p) < step_of(named)]
+        return ([named] if named is not None and named.is_dir() else []) + older
 
     def remove_partial(self) -> None:
         """Delete folders of checkpoints that were interrupted while being written (rank 0)."""
         if self.rank == 0 and self.root.is_dir():
             for p in self.root.glob(".step_*.partial"):
                 shutil.rmtree(p, ignore_errors=True)
-        self.barrier()
+        self.dist.barrier()
 
     def save(self, step: int, write: Callable[[Path], None], state: TrainerState) -> Path:
         """Write checkpoint `step`: every rank runs `write(folder)` (model/, engine/); rank 0 adds
-        trainer_state.json, renames the folder into place, points `latest` at it and rotates."""
+        trainer_state.json; all ranks hash the files; rank 0 writes the manifest, renames the folder
+        into place, points `latest` at it and rotates."""
         name = step_dir_name(step)
         final, partial = self.root / name, self.root / f".{name}.partial"
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        self.barrier()
+        self.dist.barrier()
         write(partial)
-        self.barrier()
+        self.dist.barrier()
         if self.rank == 0:
             _write_atomic(partial / STATE_FILE, json.dumps(asdict(state), indent=1))
+        self._seal(partial)
+        if self.rank == 0:
             if final.exists():  # the same step saved again (e.g. a finished run re-saved): swap it out
                 old = self.root / f".{name}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -144,10 +182,52 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(partial, final)
-            _write_atomic(self.root / LATEST, name + "\n")
+            self.point_latest(final)
             self._rotate(final)
-        self.barrier()
+        self.dist.barrier()
         return final
+
+    def point_latest(self, path: Path) -> None:
+        """Name `path` in `latest` (atomically; rank 0)."""
+        if self.rank == 0:
+            _write_atomic(self.root / LATEST, path.name + "\n")
+
+    def _seal(self, folder: Path) -> None:
+        """Permissions per umask, then manifest.json: rank 0 lists the files, every rank hashes a share."""
+        sizes = None
+        if self.rank == 0:
+            manifest.publish_permissions(folder)
+            sizes = manifest.list_files(folder)
+        sizes = self.dist.broadcast_object(sizes)
+        mine = manifest.split_work(sizes, self.dist.world_size)[self.rank]
+        digests = {}
+        for part in self.dist.gather_object(manifest.hash_files(folder, mine)):
+            digests.update(part)
+        if self.rank == 0:
+            manifest.write_manifest(folder, {n: {"size": sizes[n], manifest.ALGORITHM: digests[n]}
+                                             for n in sizes})
+
+    def check(self, path: Path, level: str = "hash") -> list[str]:
+        """What is wrong with checkpoint `path` (empty: intact) at `level` (hash | size | none).
+
+        Collective when a Dist was given: rank 0 reads the manifest and checks sizes, then every rank
+        hashes a share of the files; every rank returns the same answer.
+        """
+        problems, files = [], {}
+        if self.rank == 0:
+            try:
+                files = manifest.read_manifest(path)
+                problems = manifest.size_problems(path, files) if level != "none" else []
+                if not problems and STATE_FILE not in files:
+                    problems = [f"its manifest does not list {STATE_FILE}"]
+            except ManifestError as e:
+                problems = [str(e).removeprefix(f"{path} ")]
+        problems, files = self.dist.broadcast_object((problems, files))
+        if problems or level != "hash":
+            return problems
+        mine = manifest.split_work({n: e["size"] for n, e in files.items()}, self.dist.world_size)[self.rank]
+        found = manifest.hash_problems(path, files, mine)
+        return sorted(p for part in self.dist.gather_object(found) for p in part)
 
     def _rotate(self, newest: Path) -> None:
         keep = self.complete()[-self.keep_last:]
@@ -157,8 +237,15 @@ class Checkpointer:
 
     @staticmethod
     def read_state(path: str | os.PathLike) -> TrainerState:
-        with open(Path(path) / STATE_FILE) as f:
-            return TrainerState(**json.load(f))
+        """trainer_state.json of checkpoint `path`; ManifestError (one line) if it is missing or unreadable."""
+        file = Path(path) / STATE_FILE
+        try:
+            with open(file) as f:
+                return TrainerState(**json.load(f))
+        except FileNotFoundError:
+            raise ManifestError(f"{path} is not a checkpoint folder (no {STATE_FILE})") from None
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{file} is unreadable ({type(e).__name__}: {e})") from None
 
 
 def write_checkpoint(folder: Path, engine, lm, tokenizer, save_dtype: str | None,
@@ -175,9 +262,41 @@ def write_checkpoint(folder: Path, engine, lm, tokenizer, save_dtype: str | None
     engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
 
 
-def load_checkpoint(engine, folder: Path) -> None:
-    """Restore weights, optimizer and LR scheduler from `folder/engine`."""
-    path, _ = engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its optimizer states beside tensors (ZeRO 0-3, fp16 loss scaling,
+    bf16 slice mappings): the only non-tensor objects a weights_only load accepts."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_checkpoint(engine, folder: Path, weights_only: bool = True) -> None:
+    """Restore weights, optimizer and LR scheduler from `folder/engine`.
+
+    DeepSpeed's files are torch pickles; with weights_only (the default) every one is read by
+    torch.load(weights_only=True), which rebuilds tensors, containers and _deepspeed_globals() only and
+    refuses anything else (CheckpointError naming it) instead of running it.
+    """
+    backend = engine.checkpoint_engine
+    if weights_only:
+        allowed = _deepspeed_globals()
+
+        def safe_load(path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e)[:200])
+                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({reason}); if you trust "
+                                      "this checkpoint, resume with checkpoint.weights_only=false") from None
+
+        backend.load = safe_load  # DeepSpeed reads every engine file through its checkpoint engine
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        backend.__dict__.pop("load", None)
     if path is None:
-        raise FileNotFoundError(f"no DeepSpeed state under {folder / 'engine'}")
+        raise CheckpointError(f"no DeepSpeed state under {folder / 'engine'}")

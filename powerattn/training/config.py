@@ -19,6 +19,7 @@ from data.config import DataConfig
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+VERIFY_LEVELS = ("hash", "size", "none")  # powerattn.manifest.LEVELS
 # DeepSpeed keys that train.py derives from other sections; setting them by hand could contradict.
 DERIVED_DEEPSPEED_KEYS = {
     "train_batch_size": "batch.tokens_per_step", "train_micro_batch_size_per_gpu": "batch.micro_batch_tokens",
@@ -101,6 +102,8 @@ class CheckpointConfig:
     keep_last: int = 2                      # complete checkpoints kept (older ones are deleted)
     save_dtype: str | None = None           # dtype of model/*.safetensors; None: the training dtype
     max_shard_size: str = "5GB"
+    verify: str = "hash"                    # resuming checks the manifest: hash (every byte) | size | none
+    weights_only: bool = True               # read DeepSpeed's pickles with torch.load(weights_only=True)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"                 # auto: bf16 on CUDA, fp32 on CPU
     resume: str = "auto"                    # auto: from output_dir's latest checkpoint | none | a step dir
+    resume_optimizer: bool = True           # false: only the checkpoint's model/ weights, a fresh optimizer
+    check_only: bool = False                # run the checks that need no processes or weights, then exit
     max_nonfinite_in_row: int = 5           # stop after this many consecutive steps with a non-finite loss
     progress: bool = True                   # tqdm bar on rank 0 in a terminal (else one line per step)
     peak_tflops: float | None = None        # per-GPU peak for MFU; None: looked up from the GPU name
@@ -240,6 +245,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name",
            f"{cfg.run_name!r} must be a plain name")
     _check(cfg.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", "must be >= 1")
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    _check(bool(cfg.resume), "resume", "must be auto, none or a checkpoint folder")
     _check(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 or null")
 
     m = cfg.model
@@ -271,6 +279,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.data.seq_len == stages[0].seq_len, "data.seq_len",
            f"{cfg.data.seq_len} differs from curriculum.stages[0].seq_len={stages[0].seq_len}; the "
            "curriculum sets the sequence length (leave data.seq_len at its default interpolation)")
+    validate_data(cfg.data)
     _check(cfg.batch.tokens_per_step >= 1, "batch.tokens_per_step", "must be >= 1")
     _check(cfg.batch.micro_batch_tokens >= 1, "batch.micro_batch_tokens", "must be >= 1")
 
@@ -296,6 +305,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(c.save_dtype is None or c.save_dtype in SAVE_DTYPES, "checkpoint.save_dtype",
            f"{c.save_dtype!r} is not one of {SAVE_DTYPES} or null")
+    _check(c.verify in VERIFY_LEVELS, "checkpoint.verify", f"{c.verify!r} is not one of {VERIFY_LEVELS}")
     from powerattn.model.hf_io import parse_size
 
     try:
@@ -311,6 +321,30 @@ def validate(cfg: TrainConfig) -> None:
     _check(all(n >= 16 for n in fe.lengths), "final_eval.lengths", "lengths must be >= 16 tokens")
     _check(all(0 <= d <= 1 for d in fe.depths), "final_eval.depths", "depths must lie in [0, 1]")
     _check(fe.samples >= 1, "final_eval.samples", "must be >= 1")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data section's values (its files are checked later, by train.py's check_inputs)."""
+    _check(d.num_proc >= 1, "data.num_proc", f"must be >= 1, got {d.num_proc}")
+    _check(d.seed >= 0, "data.seed", f"must be >= 0, got {d.seed}")
+    _check(bool(d.text_field), "data.text_field", "must not be empty")
+    _check(bool(d.cache_dir), "data.cache_dir", "must not be empty")
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _check(bool(src.path), f"{key}.path", "must not be empty")
+        _check(src.weight > 0, f"{key}.weight", f"must be > 0, got {src.weight}")
+        _check(src.upsample_factor >= 1, f"{key}.upsample_factor", f"must be >= 1, got {src.upsample_factor}")
+        _check(src.max_docs is None or src.max_docs >= 1, f"{key}.max_docs", "must be >= 1 or null")
+        _check(src.upsample_min_tokens is None or src.upsample_min_tokens >= 1, f"{key}.upsample_min_tokens",
+               "must be >= 1 or null")
+    s = d.synthetic
+    if not d.sources:
+        _check(s.num_docs >= 1, "data.synthetic.num_docs", f"must be >= 1, got {s.num_docs}")
+        _check(1 <= s.min_sentences <= s.max_sentences, "data.synthetic",
+               f"needs 1 <= min_sentences <= max_sentences, got {s.min_sentences} and {s.max_sentences}")
+        _check(0 <= s.task_fraction <= 1, "data.synthetic.task_fraction", "must lie in [0, 1]")
+        _check(s.vocab_size >= 64, "data.synthetic.vocab_size", f"must be >= 64, got {s.vocab_size}")
+        _check(s.seed >= 0, "data.synthetic.seed", f"must be >= 0, got {s.seed}")
 
 
 def validate_pattern(pattern: dict, num_layers: int | None) -> None:

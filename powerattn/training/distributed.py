@@ -59,6 +59,22 @@ class Dist:
         torch_dist.all_reduce(t, group=group)
         return float(t.item())
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (small picklable objects: file lists, verdicts)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
     def max(self, value: float) -> float:
         if self.world_size == 1:
             return value
@@ -73,14 +89,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The process layout a launcher announces (torchrun's WORLD_SIZE / RANK), known before any process
+    group exists; Dist has the same fields once it does."""
+
+    rank: int
+    world_size: int
+    sp_size: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_layout(sp_size: int = 1) -> Layout:
+    """The layout from the environment (plain `python`: one process); ConfigError if sp does not divide it."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if sp_size < 1 or world % sp_size:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise ConfigError(
+            f"parallel.sequence_parallel_size={sp_size} does not divide the {world} process(es) launched; "
+            f"launch a multiple of {sp_size} (torchrun --nproc_per_node {sp_size} ...) or set "
+            f"parallel.sequence_parallel_size to one of {divisors}")
+    return Layout(rank, world, sp_size)
+
+
 def init_distributed(sp_size: int = 1) -> Dist:
     """Join (or, run as plain `python`, create) the process group and build the Ulysses groups."""
+    process_layout(sp_size)
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    world = int(os.environ["WORLD_SIZE"])
-    if world % sp_size:
-        raise ConfigError(f"parallel.sequence_parallel_size={sp_size} does not divide the {world} processes")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

@@ -41,13 +41,17 @@ def _overrides(cfg: TrainConfig) -> dict:
                 loss_chunk_size=cfg.model.loss_chunk_size)
 
 
-def check_model(cfg: TrainConfig, vocab_size: int, sp_size: int) -> LlamaConfig:
-    """The architecture the run will build, checked against the tokenizer and process layout."""
+def check_model(cfg: TrainConfig, vocab_size: int | None, sp_size: int) -> LlamaConfig:
+    """The architecture the run will build, checked against the tokenizer (None: not known yet) and
+    the process layout."""
     m = cfg.model
     if m.path is not None:
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path: {m.path!r} is not an HF model folder (no config.json)")
-        config = load_config(m.path, **_overrides(cfg))
+        try:
+            config = load_config(m.path, **_overrides(cfg))
+        except (ValueError, TypeError) as e:  # config.json unreadable, or not a LLaMA-family model
+            raise ConfigError(f"model.path: {m.path}/config.json: {e}") from None
         if m.arch is not None:
             wanted = arch_config(m.arch, vocab_size=m.arch.get("vocab_size") or config.vocab_size)
             diff = [f"{k}: config.json {getattr(config, k)!r} vs model.arch {getattr(wanted, k)!r}"
@@ -56,8 +60,9 @@ def check_model(cfg: TrainConfig, vocab_size: int, sp_size: int) -> LlamaConfig:
                 raise ConfigError(f"model.path {m.path!r} does not hold the architecture of model.arch "
                                   f"({diff}); pick the matching model= group or set model.arch=null")
     else:
-        config = arch_config(m.arch, vocab_size=m.arch.get("vocab_size") or vocab_size, **_overrides(cfg))
-    if vocab_size > config.vocab_size:
+        # Before the tokenizer is known, a stand-in vocabulary: everything else is checked all the same.
+        config = arch_config(m.arch, vocab_size=m.arch.get("vocab_size") or vocab_size or 32000, **_overrides(cfg))
+    if vocab_size is not None and vocab_size > config.vocab_size:
         raise ConfigError(f"data.tokenizer has {vocab_size} tokens but the model's vocab_size is "
                           f"{config.vocab_size}: the tokenizer does not belong to this model")
     validate_pattern(cfg.pattern, config.num_hidden_layers)
@@ -69,15 +74,21 @@ def check_model(cfg: TrainConfig, vocab_size: int, sp_size: int) -> LlamaConfig:
 
 
 def build_model(cfg: TrainConfig, config: LlamaConfig, bos_id: int | None, eos_id: int | None,
-                ds_config: dict, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """Load model.path (or initialise `config` from scratch), partitioned when ds_config is ZeRO-3."""
+                ds_config: dict, dtype: torch.dtype, device: torch.device,
+                weights: str | os.PathLike | None = None) -> LlamaForCausalLM:
+    """Load model.path (or initialise `config` from scratch), partitioned when ds_config is ZeRO-3.
+
+    weights: an HF folder to load instead (a checkpoint's model/, for a weights-only resume).
+    """
     m = cfg.model
     pattern, schedule = make_pattern_from(cfg.pattern), cfg.pattern.get("schedule")
     zero3 = zero3_enabled(ds_config)
-    if m.path is not None:
-        model = from_pretrained(m.path, pattern=pattern, dtype=dtype, attention_schedule=schedule,
+    path = weights if weights is not None else m.path
+    if path is not None:
+        # A size check of a sealed folder here; resume checks a checkpoint's hashes once, over all ranks.
+        model = from_pretrained(path, pattern=pattern, dtype=dtype, attention_schedule=schedule,
                                 device=device, backend=m.attention_backend,
-                                deepspeed_config=ds_config if zero3 else None, **_overrides(cfg))
+                                deepspeed_config=ds_config if zero3 else None, verify="size", **_overrides(cfg))
     else:
         if config.bos_token_id is None and config.eos_token_id is None:
             config.bos_token_id, config.eos_token_id = bos_id, eos_id

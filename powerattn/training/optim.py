@@ -55,3 +55,23 @@ def scheduler_factory(cfg: OptimConfig, total_steps: int):
     """What deepspeed.initialize takes as lr_scheduler: optimizer -> LambdaLR (built on its optimizer)."""
     schedule = LRSchedule(cfg, total_steps)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def follow_config(scheduler, cfg: OptimConfig, total_steps: int, step: int) -> None:
+    """Put an optimizer and its LR schedule at optimizer step `step` under `cfg`.
+
+    A DeepSpeed checkpoint restores the schedule it was saved with (LambdaLR keeps the LRSchedule's
+    fields, the peak LR and the total steps) and the optimizer's hyperparameters; a run resumed under
+    a changed lr, schedule or curriculum must follow the new ones from its step on. Under an unchanged
+    config this sets exactly what was restored. Param groups are [decay, no_decay] (param_groups()).
+    """
+    schedule = LRSchedule(cfg, total_steps)
+    groups = scheduler.optimizer.param_groups
+    scheduler.last_epoch = step
+    scheduler.base_lrs = [cfg.lr] * len(groups)
+    scheduler.lr_lambdas = [schedule] * len(groups)
+    for i, group in enumerate(groups):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * schedule(step), betas=tuple(cfg.betas), eps=cfg.eps)
+        if i == 0:
+            group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [g["lr"] for g in groups]

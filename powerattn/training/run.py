@@ -1,18 +1,20 @@
-"""The run folder (`outputs/<run_name>/`: config.yaml, checkpoints/, metrics.jsonl), which checkpoint
-to resume from, and the end-of-run report (where the model is, a quick passkey accuracy).
+"""The run folder (`outputs/<run_name>/`: config.yaml, checkpoints/, metrics.jsonl), the checks of a run's
+inputs before anything is created, which checkpoint to resume from, and the end-of-run report.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from powerattn.training.checkpoint import Checkpointer, TrainerState
+from powerattn.manifest import ManifestError, describe
+from powerattn.training.checkpoint import LATEST, Checkpointer, TrainerState
 from powerattn.training.config import ConfigError, TrainConfig
-from powerattn.training.distributed import Dist
+from powerattn.training.distributed import Dist, Layout
 
 # Sections that make a run what it is: resuming under different values would not continue it.
 SIGNATURE_SECTIONS = ("model", "pattern", "curriculum", "batch", "data", "optim", "seed", "precision")
@@ -33,12 +35,44 @@ def prepare_run_dir(cfg: TrainConfig, composed, dist: Dist) -> Path:
     return run_dir
 
 
-def signature(cfg: TrainConfig, dist: Dist) -> dict:
+def check_inputs(cfg: TrainConfig, layout: Layout) -> None:
+    """Everything the run will read exists and fits, checked before any process group, folder or weights:
+    the model folder, the tokenizer, local data paths, and the checkpoint a resume would continue (its
+    config, its layout, its file sizes). Raises ConfigError with one line that names the value."""
+    from data.sources import resolve, source_name
+    from data.tokenizer import Tokenizer
+    from powerattn.training.modeling import check_model
+
+    m = cfg.model
+    if m.path is not None and not os.path.isdir(m.path):
+        raise ConfigError(f"model.path: no folder at {m.path!r}; download the HF model there, or point "
+                          "model.path (or POWERATTN_MODELS, the folder the model configs look in) at it")
+    vocab = None
+    if cfg.data.tokenizer:
+        try:
+            vocab = Tokenizer.from_pretrained(cfg.data.tokenizer).vocab_size
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: {str(e).removeprefix('tokenizer: ')}") from None
+    for i, src in enumerate(cfg.data.sources):
+        try:
+            resolve(src.path, source_name(src))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.sources[{i}].path: {e}") from None
+    check_model(cfg, vocab, layout.sp_size)
+    resolve_resume(cfg, Checkpointer(Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.keep_last),
+                   signature(cfg, layout), level="size")
+
+
+def signature(cfg: TrainConfig, layout: Layout | Dist) -> dict:
     """The training-relevant config plus the process layout ZeRO partitions were saved for."""
     out = {k: _plain(getattr(cfg, k)) for k in SIGNATURE_SECTIONS}
-    out["layout"] = {"world_size": dist.world_size, "sequence_parallel_size": dist.sp_size,
-                     "zero_stage": (cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)}
+    out["layout"] = {"world_size": layout.world_size, "sequence_parallel_size": layout.sp_size,
+                     "zero_stage": zero_stage(cfg)}
     return out
+
+
+def zero_stage(cfg: TrainConfig) -> int:
+    return (cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)
 
 
 def _plain(value):
@@ -46,11 +80,16 @@ def _plain(value):
 
 
 def _flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
+    """{"a.b[1].c": value} for nested dicts and lists, so a difference names the exact key."""
+    if isinstance(d, (list, tuple)) and d and all(isinstance(v, (dict, list, tuple)) for v in d):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(d)]
+    elif isinstance(d, dict) and d:
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in d.items()]
+    else:
         return {prefix: d}
     out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    for key, v in items:
+        out.update(_flat(v, key))
     return out
 
 
@@ -59,38 +98,104 @@ def signature_diff(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def resolve_resume(cfg: TrainConfig, ckpt: Checkpointer, current: dict) -> tuple[Path | None, TrainerState]:
-    """(checkpoint to resume from, its trainer state) per cfg.resume: auto | none | a checkpoint folder.
+def _layout_words(layout: dict) -> str:
+    return (f"{layout.get('world_size')} process(es), sequence parallel {layout.get('sequence_parallel_size')}, "
+            f"ZeRO-{layout.get('zero_stage')}")
 
-    auto continues output_dir's `latest` only under the same training config (else ConfigError naming
-    the differences); an explicit folder is taken as given (differences are reported by the caller).
+
+@dataclass
+class Resume:
+    """Where a run starts: `path` (None: from scratch) and its trainer state."""
+
+    path: Path | None
+    state: TrainerState
+    weights_only: bool = False                         # model/ weights, fresh optimizer (resume_optimizer=false)
+    changes: list[str] = field(default_factory=list)   # config differences of a deliberate resume=<folder>
+    warnings: list[str] = field(default_factory=list)  # damaged checkpoints passed over
+
+    @property
+    def weights(self) -> Path | None:
+        """The HF folder to load the model from instead of model.path (weights-only resume)."""
+        return self.path / "model" if self.path is not None and self.weights_only else None
+
+
+def resolve_resume(cfg: TrainConfig, ckpt: Checkpointer, current: dict, level: str = "hash") -> Resume:
+    """The checkpoint to resume from per cfg.resume (auto | none | a checkpoint folder), checked against
+    its manifest at `level` (hash | size | none; collective when `ckpt` has a Dist).
+
+    auto takes output_dir's `latest`, or, if that is damaged, the newest intact older one (a warning
+    per damaged one), and only under the same training config; an explicit folder must be intact and
+    may differ in config (a deliberate continuation; `changes` lists the differences). ZeRO partitions
+    need the process layout they were saved by, unless cfg.resume_optimizer is false.
     """
-    ckpt.remove_partial()
+    fresh = Resume(None, TrainerState(config=current))
     if cfg.resume == "none":
         if ckpt.complete():
             raise ConfigError(f"resume=none but {ckpt.root} already holds checkpoints; use resume=auto, "
                               "a new run_name, or delete the folder")
-        return None, TrainerState(config=current)
-    if cfg.resume == "auto":
-        path = ckpt.latest()
-        if path is None:
-            return None, TrainerState(config=current)
-    else:
+        return fresh
+    if cfg.resume != "auto":
         path = Path(cfg.resume)
-        if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"resume: {cfg.resume!r} is not a complete checkpoint folder "
-                              "(no trainer_state.json)")
-    state = Checkpointer.read_state(path)
-    diff = signature_diff(state.config, current)
-    layout = [d for d in diff if d.startswith("layout.")]
-    if layout and current["layout"]["zero_stage"] > 0:
-        raise ConfigError(f"resume: {path} was saved by another process layout ({layout}); ZeRO partitions "
-                          "load only into the same number of processes and sequence-parallel size")
-    if diff and cfg.resume == "auto":
-        raise ConfigError(f"resume=auto: {path} belongs to a run with another config ({diff}); use a new "
-                          "run_name, or resume=<checkpoint folder> to continue from it deliberately")
+        if not path.is_dir():
+            raise ConfigError(f"resume: no folder at {cfg.resume!r}; give a checkpoint folder "
+                              "(outputs/<run>/checkpoints/step_N), auto or none")
+        problems = ckpt.check(path, level)
+        if problems:
+            raise ConfigError(f"resume: {describe(path, problems)}; resume from another checkpoint "
+                              f"(python -m powerattn.training.verify {path.parent} checks them all)")
+        return _accept(cfg, path, current, deliberate=True)
+    warnings = []
+    named = ckpt.pointer()
+    if named is not None and not named.is_dir():
+        warnings.append(f"{ckpt.root / LATEST} names {named.name}, which does not exist")
+    for path in ckpt.candidates():
+        problems = ckpt.check(path, level)
+        if problems:
+            warnings.append(describe(path, problems))
+            continue
+        out = _accept(cfg, path, current, deliberate=False)
+        out.warnings = [f"{w}; resuming from {path.name} instead" for w in warnings]
+        return out
+    if warnings:
+        raise ConfigError(f"resume=auto: no intact checkpoint in {ckpt.root} ({warnings[0]}); resume from a "
+                          "copy with resume=<folder>, or start anew with another run_name")
+    return fresh
+
+
+def _accept(cfg: TrainConfig, path: Path, current: dict, deliberate: bool) -> Resume:
+    try:
+        state = Checkpointer.read_state(path)
+    except ManifestError as e:
+        raise ConfigError(f"resume: {e}") from None
+    saved = dict(state.config)
+    saved_layout, layout = saved.pop("layout", {}), current["layout"]
+    changes = signature_diff(saved, {k: v for k, v in current.items() if k != "layout"})
+    weights_only = not cfg.resume_optimizer
+    if saved_layout != layout and max(saved_layout.get("zero_stage", 0), layout["zero_stage"]) > 0 \
+            and not weights_only:
+        raise ConfigError(
+            f"resume: {path} was saved by {_layout_words(saved_layout)}, this run has {_layout_words(layout)}; "
+            f"ZeRO optimizer partitions load only into the layout they were saved by: launch "
+            f"{saved_layout.get('world_size')} process(es), or add resume_optimizer=false to continue from its "
+            "model/ weights with a fresh optimizer")
+    if changes and not deliberate:
+        raise ConfigError(f"resume=auto: {path} belongs to a run with another config ({changes}); use a new "
+                          "run_name, or resume=<checkpoint folder> to continue from it deliberately under the "
+                          "new config")
     state.config = current
-    return path, state
+    return Resume(path, state, weights_only, changes)
+
+
+def resume_point(cfg: TrainConfig, ckpt: Checkpointer, dist: Dist) -> Resume:
+    """resolve_resume at cfg.checkpoint.verify, after deleting interrupted writes; damaged checkpoints it
+    passes over are reported (one line each) and `latest` is pointed at the one it takes."""
+    ckpt.remove_partial()
+    out = resolve_resume(cfg, ckpt, signature(cfg, dist), level=cfg.checkpoint.verify)
+    if out.warnings and dist.is_main:
+        for w in out.warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        ckpt.point_latest(out.path)
+    return out
 
 
 def final_report(lm, tokenizer, cfg: TrainConfig, model_dir: Path | None, say) -> float | None:
