@@ -4,9 +4,12 @@
     python eval.py checkpoint=DIR task=passkey pattern=full task.lengths=[4096,8192]
 
 Config: configs/eval.yaml and configs/task/; outputs go to `output_dir`; see docs/evaluation.md.
+A checkpoint written by train.py (`.../step_N/model`) is checked against its manifest first: file
+sizes before anything else, every byte when the weights load; a damaged one is a one-line error.
 """
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -15,9 +18,16 @@ from omegaconf import DictConfig
 @hydra.main(config_path="configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
     from powerattn.evaluation.runner import run
+    from powerattn.manifest import ManifestError, verify_if_sealed
+    from powerattn.model import CheckpointError
 
     logging.getLogger("powerattn").setLevel(logging.INFO)
-    print(run(cfg))
+    try:
+        if isinstance(cfg.get("checkpoint"), str) and cfg.checkpoint != "???":
+            verify_if_sealed(cfg.checkpoint, "size")  # a truncated copy fails now, not after the data work
+        print(run(cfg))
+    except (CheckpointError, ManifestError) as e:  # damaged or mismatched weights: one line, no traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
