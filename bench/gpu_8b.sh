@@ -19,8 +19,9 @@
 #   3. 1B SP=2 16K (its loss curve against 1.'s)
 #   4. 1B ZeRO-3 + SP=2 at 128K
 #   5. 8B full at 64K (the ratio; the most expendable)
-# MODEL_DIR (default /tmp/powerattn_llama3_8b) receives the folder, never OUT. For a CPU rehearsal of the
-# script's logic (tests do this): SHAPE=tiny SHORT=256 LONG=512 ONLY_8B=1 EXTRA='model.arch=null ...'.
+# SKIP="sp2_128k 8b_full" leaves runs out. MODEL_DIR (default /tmp/powerattn_llama3_8b) receives the folder,
+# never OUT. A CPU rehearsal of the script's logic (tests/test_gpu_8b.py): DS_ACCELERATOR=cpu SHAPE=tiny
+# SHORT=256 LONG=512 ONLY_8B=1 EXTRA='model.arch=null pattern.block_size=64 precision=fp32'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_lib.sh

@@ -5,7 +5,8 @@
 #                        /tmp folder, never under OUT): logs and run folders, packed into OUT by `pack`
 #   run NAME LIMIT CMD.. CMD's output, each line stamped with the seconds since its start, into WORK/NAME.log;
 #                        GPU memory sampled into WORK/NAME.smi.csv; killed after LIMIT seconds, or at DEADLINE
-#                        (epoch seconds, if set) less RESERVE_S; skipped if that leaves under MIN_RUN_S. Every
+#                        (epoch seconds, if set) less RESERVE_S; skipped if that leaves under MIN_RUN_S or if
+#                        NAME is in SKIP (space-separated names). Every
 #                        process CMD started (torchrun's workers too, which live in sessions of their own) is
 #                        found by an environment marker and killed when CMD ends, so no hang outlives its run.
 #                        `NAME rc=N Ss` (or `NAME skipped (...)`) goes to WORK/status.txt.
@@ -58,6 +59,10 @@ kill_marked() {  # MARKER: SIGKILL every process whose environment holds BENCH_R
 run() {  # NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2 left start rc smi=""
     shift 2
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then
+        echo "$name skipped (SKIP)" | tee -a "$WORK/status.txt"
+        return 1
+    fi
     if [ -n "${DEADLINE:-}" ]; then
         left=$(( DEADLINE - $(date +%s) - ${RESERVE_S:-15} ))
         if [ "$left" -lt "${MIN_RUN_S:-45}" ]; then
