@@ -137,6 +137,7 @@ def train(composed: DictConfig) -> None:
         stopping = stop.requested(dist)
         if stopping or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
             saved = save()
+            stopping = stopping or stop.requested(dist)  # a signal during the write: that checkpoint is the one
         if stopping:
             log.message(f"stopped by {stop.reason or 'another rank'} after step {state.step}; checkpoint "
                         f"{saved}; run the same command to resume")
