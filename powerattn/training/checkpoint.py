@@ -288,9 +288,11 @@ def load_checkpoint(engine, folder: Path, weights_only: bool = True) -> None:
                 with torch.serialization.safe_globals(allowed):
                     return torch.load(path, map_location=map_location, weights_only=True)
             except pickle.UnpicklingError as e:
-                reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e)[:200])
-                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({reason}); if you trust "
-                                      "this checkpoint, resume with checkpoint.weights_only=false") from None
+                found = re.search(r"GLOBAL (\S+)", str(e))
+                what = f"it pickles {found.group(1)}" if found else str(e).splitlines()[0][:200]
+                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({what}, which is not a "
+                                      "DeepSpeed state class); if you trust this checkpoint, resume with "
+                                      "checkpoint.weights_only=false") from None
 
         backend.load = safe_load  # DeepSpeed reads every engine file through its checkpoint engine
     try:
