@@ -11,6 +11,9 @@
 # report it as a failure and SIGKILL workers still checkpointing after its --shutdown-timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Expandable segments: fewer out-of-memory failures from fragmentation when allocation sizes change (long
+# sequences, curriculum stages). Set PYTORCH_CUDA_ALLOC_CONF yourself to choose otherwise.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}
 [ "${NPROC:-0}" -ge 1 ] || NPROC=1
 

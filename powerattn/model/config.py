@@ -44,7 +44,10 @@ class LlamaConfig:
     """Architecture of a LLaMA-family decoder (Llama-2/3, Mistral, Qwen2), named as in HF config.json.
 
     Framework-only fields (never written to config.json): activation_checkpointing (True: every
-    layer, or a list of layer indices) and loss_chunk_size (tokens per lm_head + cross-entropy chunk).
+    layer, or a list of layer indices), loss_chunk_size (tokens per lm_head + cross-entropy chunk),
+    tiled_mlp (tokens per MLP tile, each recomputed in backward, so [tokens, intermediate]
+    activations never exist whole; 0: untiled) and offload_activations (the checkpointed layers'
+    inputs wait for backward in CPU memory).
     """
 
     model_type: str = "llama"
@@ -69,6 +72,8 @@ class LlamaConfig:
     pad_token_id: int | None = None
     activation_checkpointing: bool | list[int] = False
     loss_chunk_size: int = 2048
+    tiled_mlp: int = 0
+    offload_activations: bool = False
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +106,11 @@ class LlamaConfig:
         self.activation_checkpointing = _check_layer_list(
             "activation_checkpointing", self.activation_checkpointing, self.num_hidden_layers
         )
+        if isinstance(self.tiled_mlp, bool) or not isinstance(self.tiled_mlp, int) or self.tiled_mlp < 0:
+            raise CheckpointError(f"config: tiled_mlp must be a token count >= 0 (0: untiled), got {self.tiled_mlp!r}")
+        if self.offload_activations and not self.checkpointed_layers():
+            raise CheckpointError("config: offload_activations moves the inputs of activation-checkpointed layers "
+                                  "to CPU memory; it needs activation_checkpointing")
 
     @property
     def qkv_bias(self) -> bool:

@@ -5,11 +5,13 @@ Parameter names match transformers' LlamaForCausalLM / Qwen2ForCausalLM, so stat
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from powerattn.model.config import LlamaConfig, extend_context, resolve_attention_schedule
@@ -92,8 +94,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.tile = config.tiled_mlp  # tokens per tile; 0: all at once
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.tile or x.shape[:-1].numel() <= self.tile:
+            return self.mlp(x)
+        # Tiles of `tile` tokens, each its own checkpoint when training: forward keeps only the tile inputs and
+        # backward recomputes one tile at a time, so [tokens, intermediate] activations never exist whole.
+        run = (lambda t: checkpoint(self.mlp, t, use_reentrant=False)) if torch.is_grad_enabled() else self.mlp
+        tiles = x.reshape(-1, x.shape[-1]).split(self.tile)
+        return torch.cat([run(t) for t in tiles]).view(*x.shape[:-1], -1)
+
+    def mlp(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -132,10 +144,18 @@ class LlamaModel(nn.Module):
         return h
 
     def run_layers(self, h: Tensor, batch: Batch) -> Tensor:
-        """Decoder layers (those the config names activation-checkpointed, when training), then the norm."""
+        """Decoder layers (those the config names activation-checkpointed, when training), then the norm.
+
+        A checkpointed layer keeps only its input for backward; with offload_activations that input waits
+        in CPU memory (pinned, copied back when backward reaches the layer), the recomputation stays on the GPU.
+        """
         recompute = self.config.checkpointed_layers() if self.training and torch.is_grad_enabled() else ()
         for i, layer in enumerate(self.layers):
-            h = checkpoint(layer, h, batch, use_reentrant=False) if i in recompute else layer(h, batch)
+            if i not in recompute:
+                h = layer(h, batch)
+                continue
+            with save_on_cpu(pin_memory=h.is_cuda) if self.config.offload_activations else nullcontext():
+                h = checkpoint(layer, h, batch, use_reentrant=False)
         return self.norm(h)
 
     def _prepare(self, input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache) -> tuple[Batch, list[int]]:

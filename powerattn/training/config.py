@@ -47,6 +47,8 @@ class ModelConfig:
     attention_backend: str = "auto"         # auto | triton | flex | torch
     activation_checkpointing: Any = False   # True (every layer) or a list of layer indices
     loss_chunk_size: int = 2048             # tokens per lm_head + cross-entropy chunk
+    tiled_mlp: int = 0                      # tokens per MLP tile, recomputed in backward (0: untiled)
+    offload_activations: bool = False       # checkpointed layers' inputs wait in CPU memory
     max_position_embeddings: int | None = None
     rope_theta: float | None = None
     rope_scaling: Any = None                # None keeps the model's; "default", a type name, or a dict
@@ -255,6 +257,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.attention_backend in BACKENDS, "model.attention_backend",
            f"{m.attention_backend!r} is not one of {BACKENDS}")
     _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", "must be >= 1")
+    _check(m.tiled_mlp >= 0, "model.tiled_mlp", "must be >= 0 (tokens per tile; 0: untiled)")
+    _check(not m.offload_activations or bool(m.activation_checkpointing), "model.offload_activations",
+           "offloads the inputs of checkpointed layers: set model.activation_checkpointing too")
     _check(m.max_position_embeddings is None or m.max_position_embeddings >= 1,
            "model.max_position_embeddings", "must be >= 1")
     _check(m.rope_theta is None or m.rope_theta > 0, "model.rope_theta", "must be > 0")
