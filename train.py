@@ -46,19 +46,16 @@ def train(composed: DictConfig) -> None:
         build_engine,
         build_model,
         capture_rng,
-        check_inputs,
         check_model,
         deepspeed_config,
         final_report,
         follow_config,
         init_distributed,
         load_checkpoint,
-        load_config,
         peak_flops,
         peak_memory_gb,
-        plan_curriculum,
+        preflight,
         prepare_run_dir,
-        process_layout,
         resolve_precision,
         restore_rng,
         resume_point,
@@ -69,10 +66,7 @@ def train(composed: DictConfig) -> None:
 
     # Checks that need no process group, folder or weights: the config, the process layout, the model
     # folder, tokenizer and data paths, the checkpoint a resume would take. Each fails in one line.
-    cfg = load_config(composed)
-    layout = process_layout(cfg.parallel.sequence_parallel_size)
-    curriculum = plan_curriculum(cfg.curriculum.stages, cfg.batch, layout.dp_size, layout.sp_size)
-    check_inputs(cfg, layout)
+    cfg, _, curriculum = preflight(composed)
     if cfg.check_only:
         return
 

@@ -34,6 +34,7 @@ from powerattn.training.run import (
     Resume,
     check_inputs,
     final_report,
+    preflight,
     prepare_run_dir,
     resolve_resume,
     resume_point,
@@ -46,7 +47,7 @@ __all__ = [
     "NonFiniteGuard", "NonFiniteLossError", "Resume", "Stage", "StepResult", "StopRequest", "TrainConfig",
     "TrainerState", "apply_stage_context", "build_engine", "build_model", "capture_rng", "check_inputs",
     "check_model", "deepspeed_config", "final_report", "follow_config", "init_distributed", "load_checkpoint",
-    "load_config", "peak_flops", "peak_memory_gb", "plan_curriculum", "prepare_run_dir", "process_layout",
+    "load_config", "peak_flops", "peak_memory_gb", "plan_curriculum", "preflight", "prepare_run_dir", "process_layout",
     "resolve_precision", "resolve_resume", "restore_rng", "resume_point", "set_stage_batch", "signature",
     "signature_diff", "train_step", "write_checkpoint",
 ]

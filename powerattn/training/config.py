@@ -278,7 +278,8 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.seq_len % sp == 0, f"{key}.seq_len",
                f"{s.seq_len} must be divisible by parallel.sequence_parallel_size={sp}")
         _check((s.steps is None) != (s.tokens is None), key, "set exactly one of steps and tokens")
-        _check((s.steps or 1) >= 1 and (s.tokens or 1) >= 1, key, "steps / tokens must be >= 1")
+        _check((s.steps is None or s.steps >= 1) and (s.tokens is None or s.tokens >= 1), key,
+               f"steps / tokens must be >= 1, got steps={s.steps}, tokens={s.tokens}")
         _check(s.tokens_per_step is None or s.tokens_per_step >= 1, f"{key}.tokens_per_step", "must be >= 1")
         _check(s.rope_theta is None or s.rope_theta > 0, f"{key}.rope_theta", "must be > 0")
     _check(cfg.data.seq_len == stages[0].seq_len, "data.seq_len",
@@ -291,7 +292,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, source in DERIVED_DEEPSPEED_KEYS.items():
         _check(key not in cfg.deepspeed, f"deepspeed.{key}", f"is derived from {source}; set that instead")
     zero = cfg.deepspeed.get("zero_optimization") or {}
-    _check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3),
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    _check(isinstance(stage, int) and not isinstance(stage, bool) and stage in (0, 1, 2, 3),
            "deepspeed.zero_optimization.stage",
            f"must be 0, 1, 2 or 3, got {zero.get('stage') if isinstance(zero, dict) else zero!r}")
 
@@ -374,16 +376,32 @@ def make_pattern_from(pattern: dict):
     return make_pattern(pattern["name"], **params)
 
 
+# LlamaConfig fields that are sizes (>= 1 when set) or positive reals.
+_ARCH_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "loss_chunk_size")
+_ARCH_POSITIVE = ("rope_theta", "rms_norm_eps")
+_SIMPLE = (int, float, bool, str)
+
+
 def arch_config(arch: dict, **overrides):
-    """LlamaConfig from a `model.arch` mapping (config.json names); errors name model.arch."""
+    """LlamaConfig from a `model.arch` mapping (config.json names); errors name model.arch.<field>."""
     from powerattn.model import LlamaConfig
 
-    values = {**arch, **{k: v for k, v in overrides.items() if v is not None}}
     known = {f.name for f in dataclasses.fields(LlamaConfig)} - {"hf_extra"}
-    bad = sorted(set(values) - known)
+    bad = sorted(set(arch) - known)
     if bad:
         raise ConfigError(f"model.arch: unknown field(s) {bad}; LlamaConfig takes {sorted(known)}")
+    hints = typing.get_type_hints(LlamaConfig)
+    for key, value in arch.items():  # types first: LlamaConfig would fail on them with a bare TypeError
+        inner = [a for a in typing.get_args(hints[key]) if a is not type(None)]
+        if value is not None and (hints[key] in _SIMPLE or (len(inner) == 1 and inner[0] in _SIMPLE)):
+            _convert(hints[key], value, f"model.arch.{key}")
+        if value is not None and key in _ARCH_SIZES:
+            _check(value >= 1, f"model.arch.{key}", f"must be >= 1, got {value}")
+        if key in _ARCH_POSITIVE:
+            _check(value is not None and value > 0, f"model.arch.{key}", f"must be > 0, got {value!r}")
+    values = {**arch, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return LlamaConfig(**values)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"model.arch: {e}") from None

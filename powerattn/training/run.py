@@ -13,8 +13,9 @@ import torch
 
 from powerattn.manifest import ManifestError, describe
 from powerattn.training.checkpoint import LATEST, Checkpointer, TrainerState
-from powerattn.training.config import ConfigError, TrainConfig
-from powerattn.training.distributed import Dist, Layout
+from powerattn.training.config import ConfigError, TrainConfig, load_config
+from powerattn.training.curriculum import Curriculum, plan_curriculum
+from powerattn.training.distributed import Dist, Layout, process_layout
 
 # Sections that make a run what it is: resuming under different values would not continue it.
 SIGNATURE_SECTIONS = ("model", "pattern", "curriculum", "batch", "data", "optim", "seed", "precision")
@@ -33,6 +34,17 @@ def prepare_run_dir(cfg: TrainConfig, composed, dist: Dist) -> Path:
         os.replace(tmp, run_dir / "config.yaml")
     dist.barrier()
     return run_dir
+
+
+def preflight(composed) -> tuple[TrainConfig, Layout, Curriculum]:
+    """Every check that needs no process group, folder or weights, in the order train.py runs them: the
+    config (load_config), the process layout (WORLD_SIZE vs sequence parallelism), the curriculum's batch
+    shapes, and the inputs (check_inputs). Each failure is a one-line ConfigError naming the value."""
+    cfg = load_config(composed)
+    layout = process_layout(cfg.parallel.sequence_parallel_size)
+    curriculum = plan_curriculum(cfg.curriculum.stages, cfg.batch, layout.dp_size, layout.sp_size)
+    check_inputs(cfg, layout)
+    return cfg, layout, curriculum
 
 
 def check_inputs(cfg: TrainConfig, layout: Layout) -> None:
