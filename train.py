@@ -38,6 +38,7 @@ def train(composed: DictConfig) -> None:
     from data import build_loader
     from powerattn.training import (
         Checkpointer,
+        ConfigError,
         FlopCounter,
         MetricsLogger,
         NonFiniteGuard,
@@ -79,8 +80,11 @@ def train(composed: DictConfig) -> None:
     stage = curriculum.stage_at(state.step)
 
     data_cfg = dataclasses.replace(cfg.data, seq_len=stage.seq_len)
-    loader, tokenizer = build_loader(data_cfg, stage.micro_batch_size, dist.rank, dist.world_size,
-                                     dist.sp_size)
+    try:
+        loader, tokenizer = build_loader(data_cfg, stage.micro_batch_size, dist.rank, dist.world_size,
+                                         dist.sp_size)
+    except (FileNotFoundError, ValueError) as e:  # the data's own one-line messages (empty source, no field)
+        raise ConfigError(f"data: {e}") from None
     arch = check_model(cfg, tokenizer.vocab_size, dist.sp_size)  # reads config.json only
     precision, dtype = resolve_precision(cfg.precision, dist.device)
     ds_config = deepspeed_config(cfg, stage, precision)
