@@ -19,8 +19,9 @@
 #   3. 1B SP=2 16K (its loss curve against 1.'s)
 #   4. 1B ZeRO-3 + SP=2 at 128K
 #   5. 8B full at 64K (the ratio; the most expendable)
-# SKIP="sp2_128k 8b_full" leaves runs out. MODEL_DIR (default /tmp/powerattn_llama3_8b) receives the folder,
-# never OUT. A CPU rehearsal of the script's logic (tests/test_gpu_8b.py): DS_ACCELERATOR=cpu SHAPE=tiny
+# SKIP="sp2_128k 8b_full" leaves runs out; WITH_256K=1 adds, after 2., power at 256K with
+# model.offload_activations and model.tiled_mlp=8192 (issue 16; predicted 76.5 GiB per GPU, 128 without).
+# MODEL_DIR (default /tmp/powerattn_llama3_8b) receives the folder, never OUT. A CPU rehearsal of the script's logic (tests/test_gpu_8b.py): DS_ACCELERATOR=cpu SHAPE=tiny
 # SHORT=256 LONG=512 ONLY_8B=1 EXTRA='model.arch=null pattern.block_size=64 precision=fp32'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,7 @@ read -r -a EXTRA <<< "${EXTRA:-}"
 env_json "$OUT/env_8b.json"
 trap 'pack 8b' EXIT
 NAMES=(make_hf 8b_power 8b_full)
+[ -z "${WITH_256K:-}" ] || NAMES+=(8b_256k_switched)
 [ -n "${ONLY_8B:-}" ] || NAMES+=(sp1_16k sp2_16k sp2_128k)
 report() {
     summarize 8b --compare sp2_16k sp1_16k "${NAMES[@]}" > /dev/null
@@ -72,6 +74,12 @@ else
     echo "8b_power skipped (no model folder)" | tee -a "$WORK/status.txt"
 fi
 report
+if [ -n "${WITH_256K:-}" ] && [ -f "$MODEL_DIR/config.json" ]; then  # issue 16: the memory switches at 256K
+    run 8b_256k_switched 240 "${torchrun2[@]}" "${EIGHT_B[@]}" pattern=power "$(stages $(( 2 * LONG )))" \
+        "batch.tokens_per_step=$(( 2 * LONG ))" "batch.micro_batch_tokens=$LONG" model.offload_activations=true \
+        model.tiled_mlp=8192 "output_dir=$WORK/runs/8b_256k_switched"
+    report
+fi
 if [ -z "${ONLY_8B:-}" ]; then
     run_1b_sp2_16k 120
     report
