@@ -19,7 +19,7 @@ NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}
 
 # The config, the paths it names and the checkpoint a resume would take, checked once for NPROC
 # processes: a mistake is one line here, not one per rank inside torchrun's failure report.
-WORLD_SIZE=$NPROC python train.py "$@" check_only=true
+WORLD_SIZE=$NPROC LOCAL_WORLD_SIZE=$NPROC python train.py "$@" check_only=true
 
 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py "$@" &
 TORCHRUN=$!
