@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 import hydra
@@ -20,19 +21,24 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(composed: DictConfig) -> None:
+    received = []  # SIGTERM / SIGUSR1 before the StopRequest exists (imports, checks, loading) count too
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    from torch.distributed import is_initialized as dist_started
+
     from powerattn.manifest import ManifestError
     from powerattn.model import CheckpointError
     from powerattn.training import ConfigError, NonFiniteLossError
 
     try:
-        train(composed)
+        train(composed, received)
     except (ConfigError, CheckpointError, ManifestError, NonFiniteLossError) as e:  # one line, no traceback
-        # A config error is the same on every rank: rank 0 says it once.
-        quiet = isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"
+        # A config error found before the process group exists is the same on every rank: rank 0 says it.
+        quiet = isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0" and not dist_started()
         sys.exit(1 if quiet else f"error: {e}")
 
 
-def train(composed: DictConfig) -> None:
+def train(composed: DictConfig, received: list[int]) -> None:
     # Imported here, not at the top, so that Hydra rejects a mistyped key or group in ~0.5 s
     # instead of after ~2 s of importing torch and DeepSpeed.
     from data import build_loader
@@ -74,6 +80,7 @@ def train(composed: DictConfig) -> None:
     # Setup: processes, the run folder, the resume point (checked against its manifest), data, model, engine.
     dist = init_distributed(cfg.parallel.sequence_parallel_size)
     run_dir = prepare_run_dir(cfg, composed, dist)
+    stop = StopRequest(run_dir / "STOP", received)  # a SIGTERM: finish the step, one checkpoint, exit 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, dist)
     resume = resume_point(cfg, ckpt, dist)
     state = resume.state
@@ -107,7 +114,6 @@ def train(composed: DictConfig) -> None:
     log.message(curriculum.describe())
     flops_of = FlopCounter(lm.config, lm.layer_patterns)
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row, state.nonfinite_in_row)
-    stop = StopRequest(run_dir / "STOP")
 
     def save():
         state.loader, state.rng, state.nonfinite_in_row = loader.state_dict(), capture_rng(), guard.in_row

@@ -17,18 +17,34 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}
 [ "${NPROC:-0}" -ge 1 ] || NPROC=1
 
+pending=""  # a SIGTERM / SIGUSR1 received, not yet passed on to the training processes
+trap 'pending=TERM' TERM
+trap 'pending=USR1' USR1
+
 # The config, the paths it names and the checkpoint a resume would take, checked once for NPROC
 # processes: a mistake is one line here, not one per rank inside torchrun's failure report.
 WORLD_SIZE=$NPROC LOCAL_WORLD_SIZE=$NPROC python train.py "$@" check_only=true
+if [ -n "$pending" ]; then
+    echo "stopped by SIG$pending before training started"
+    exit 0
+fi
 
 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py "$@" &
 TORCHRUN=$!
-workers() { cat /proc/"$TORCHRUN"/task/*/children 2>/dev/null || true; }
-forward() { for pid in $(workers); do kill -s "$1" "$pid" 2>/dev/null || true; done; }
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
-while true; do  # a trapped signal interrupts `wait`; keep waiting for torchrun itself
+status=""
+while [ -z "$status" ]; do
+    if [ -n "$pending" ]; then  # pass the signal on to the workers (once torchrun has started them)
+        workers=$(cat /proc/"$TORCHRUN"/task/*/children 2>/dev/null || true)
+        if [ -n "$workers" ]; then
+            kill -s "$pending" $workers 2>/dev/null || true
+            pending=""
+        else
+            sleep 1
+        fi
+        kill -0 "$TORCHRUN" 2>/dev/null || { wait "$TORCHRUN" && status=0 || status=$?; }
+        continue
+    fi
     wait "$TORCHRUN" && status=0 || status=$?
-    kill -0 "$TORCHRUN" 2>/dev/null || break
+    kill -0 "$TORCHRUN" 2>/dev/null && status=""  # `wait` was interrupted by a trapped signal
 done
 exit "$status"

@@ -16,9 +16,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    def __init__(self, stop_file: Path):
+    def __init__(self, stop_file: Path, received: list[int] | tuple[int, ...] = ()):
+        """received: signals that arrived before this existed (train.py catches them from its first line)."""
         self.stop_file = stop_file
-        self.reason: str | None = None
+        self.reason: str | None = signal.Signals(received[0]).name if received else None
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
