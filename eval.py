@@ -9,6 +9,7 @@ sizes before anything else, every byte when the weights load; a damaged one is a
 """
 
 import logging
+import os
 import sys
 
 import hydra
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("powerattn").setLevel(logging.INFO)
     try:
         if isinstance(cfg.get("checkpoint"), str) and cfg.checkpoint != "???":
-            verify_if_sealed(cfg.checkpoint, "size")  # a truncated copy fails now, not after the data work
+            verify_if_sealed(os.path.expanduser(cfg.checkpoint), "size")  # a truncated copy fails now
         print(run(cfg))
     except (CheckpointError, ManifestError) as e:  # damaged or mismatched weights: one line, no traceback
         sys.exit(f"error: {e}")
