@@ -112,7 +112,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
     """The {path: {size, sha256}} entries of `folder/manifest.json`; ManifestError if absent or unreadable."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{folder} has no {MANIFEST} (an interrupted write, or saved by an older version)")
+        raise ManifestError(f"{folder} has no {MANIFEST} (an interrupted write; or saved by an older version: "
+                            "python -m powerattn.training.verify --seal adopts it)")
     try:
         data = json.loads(path.read_text())
         files = data["files"]

@@ -152,9 +152,9 @@ class Checkpointer:
         return ([named] if named is not None and named.is_dir() else []) + older
 
     def remove_partial(self) -> None:
-        """Delete folders of checkpoints that were interrupted while being written (rank 0)."""
+        """Delete folders of checkpoints that were interrupted while being written or replaced (rank 0)."""
         if self.rank == 0 and self.root.is_dir():
-            for p in self.root.glob(".step_*.partial"):
+            for p in [*self.root.glob(".step_*.partial"), *self.root.glob(".step_*.old")]:
                 shutil.rmtree(p, ignore_errors=True)
         self.dist.barrier()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from powerattn.manifest import ManifestError, describe
-from powerattn.training.checkpoint import LATEST, Checkpointer, TrainerState
+from powerattn.manifest import MANIFEST, ManifestError, describe
+from powerattn.training.checkpoint import LATEST, STATE_FILE, Checkpointer, TrainerState
 from powerattn.training.config import ConfigError, TrainConfig, load_config
 from powerattn.training.curriculum import Curriculum, plan_curriculum
 from powerattn.training.distributed import Dist, Layout, process_layout
@@ -148,8 +148,9 @@ def resolve_resume(cfg: TrainConfig, ckpt: Checkpointer, current: dict, level: s
         return fresh
     if cfg.resume != "auto":
         path = Path(cfg.resume)
-        if not path.is_dir():
-            raise ConfigError(f"resume: no folder at {cfg.resume!r}; give a checkpoint folder "
+        if not path.is_dir() or not ((path / STATE_FILE).is_file() or (path / MANIFEST).is_file()):
+            what = "no folder at" if not path.is_dir() else "not a checkpoint folder:"
+            raise ConfigError(f"resume: {what} {cfg.resume!r}; give a checkpoint folder "
                               "(outputs/<run>/checkpoints/step_N), auto or none")
         problems = ckpt.check(path, level)
         if problems:
