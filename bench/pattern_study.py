@@ -9,7 +9,7 @@ layer count of hops from the last block (`powerattn.receptive_field`).
     python bench/pattern_study.py --out DIR                 # all six patterns, one GPU (or CPU)
     python bench/pattern_study.py --out DIR --jobs 6        # run trainings side by side (small models
                                                             # leave a GPU mostly idle); --gpus 0,1 spreads them
-    python bench/pattern_study.py --out DIR --patterns power full
+    python bench/pattern_study.py --out DIR --patterns power,full
     python bench/pattern_study.py --out DIR --merge A/study.json B/study.json   # join partial runs
     python bench/pattern_study.py --out DIR --predict       # the theory table only, nothing trained
     python bench/pattern_study.py --out DIR --smoke         # tiny sizes, CPU, minutes (CI)
@@ -184,6 +184,9 @@ def study_pattern(name: str, args, base: list[str], ev: dict, gpu: str | None) -
         "accuracy": res["accuracy"], "accuracy_by_length": res["accuracy_by_length"],
         "accuracy_by_depth": res["accuracy_by_depth"], "mean_accuracy": res["mean_accuracy"],
         "loss": loss_summary(run_dir / "metrics.jsonl"),
+        # What the model answered, a dozen prompts spread over the grid: tells "wrong key" from "no key".
+        "examples": [{k: r[k] for k in ("length", "depth", "answer", "prediction")}
+                     for r in res["records"][:: max(1, len(res["records"]) // 12)]],
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "device": results["environment"]["device"],
     }
@@ -302,7 +305,7 @@ def table(study: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for study.json, study.png, logs/ and runs/")
-    p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated, e.g. power,full")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: the pipeline in minutes on a CPU")
     p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids handed out round-robin to the jobs")
@@ -311,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. optim.lr=2e-3")
     args = p.parse_args(argv)
+    args.patterns = args.patterns.split(",")
+    unknown = [n for n in args.patterns if n not in PATTERNS]
+    if unknown:
+        p.error(f"--patterns: unknown pattern(s) {unknown}; choose from {','.join(PATTERNS)}")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     bad = [o for o in args.overrides if "=" not in o or o.split("=")[0].lstrip("+~") in ("pattern", "output_dir")]
