@@ -7,8 +7,7 @@ prediction for the same prompts: a needle is reachable when one of its blocks is
 layer count of hops from the last block (`powerattn.receptive_field`).
 
     python bench/pattern_study.py --out DIR                 # all six patterns, one GPU (or CPU)
-    python bench/pattern_study.py --out DIR --jobs 6        # run trainings side by side (small models
-                                                            # leave a GPU mostly idle); --gpus 0,1 spreads them
+    python bench/pattern_study.py --out DIR --jobs 2 --gpus 0,1   # one training per GPU side by side
     python bench/pattern_study.py --out DIR --patterns power,full
     python bench/pattern_study.py --out DIR --merge A/study.json B/study.json   # join partial runs
     python bench/pattern_study.py --out DIR --predict       # the theory table only, nothing trained
@@ -167,6 +166,8 @@ def study_pattern(name: str, args, base: list[str], ev: dict, gpu: str | None) -
     run_dir, logs = out / "runs" / name, out / "logs"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ)
+    # Side-by-side trainings each taking every core ran 30-100x slower than one alone (docs/study.md).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     overrides = [*base, f"pattern={name}", f"output_dir={run_dir}", f"run_name=study_{name}", "resume=none",
