@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def loss_summary(metrics: Path) -> dict:
         "min": min(losses) if losses else None, "final_mean": sum(tail) / len(tail) if tail else None,
         "by_stage": [stages[k] for k in sorted(stages)],
         "tokens_per_s": _median([r["tokens_per_s"] for r in rows[len(rows) // 10:]]),
-        "curve": [[r["step"], r["loss"]] for r in rows[:: max(1, len(rows) // 200)]],
+        "curve": [[r["step"], round(r["loss"], 4)] for r in rows[:: max(1, len(rows) // 100)]],
     }
 
 
@@ -281,9 +282,15 @@ def plot(study: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def dumps(obj) -> str:
+    """JSON with nested dicts indented and lists of numbers on one line each (a diffable file)."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+([-+\d.,\seEnul]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
 def write(study: dict, out: Path) -> None:
     tmp = out / ".study.json.tmp"
-    tmp.write_text(json.dumps(study, indent=1))
+    tmp.write_text(dumps(study))
     plot(study, out / "study.png")
     os.replace(tmp, out / "study.json")
 
