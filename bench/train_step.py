@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from powerattn import make_pattern, pattern_names  # noqa: E402
-from powerattn.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from powerattn.model import LlamaConfig, LlamaForCausalLM, flops_per_token  # noqa: E402
 
 # LlamaConfig fields of the shapes worth timing (random init: only the shapes matter).
 MODELS = {
@@ -94,7 +94,7 @@ def bench_pattern(model, opt, pattern, schedule, backend: str, seq_len: int, bat
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     row = {"pattern": pattern.name, "key": pattern.key, "seq_len": seq_len, "batch": batch,
            "density": pattern.density(seq_len), "full_attention_layers": list(model.full_attention_layers),
-           "flops_per_token": model.flops_per_token(seq_len, training=True)}
+           "flops_per_token": flops_per_token(model.config, seq_len, model.layer_patterns, training=True)}
 
     def step() -> float:
         loss = model(ids, labels=ids)

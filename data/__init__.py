@@ -23,8 +23,6 @@ from data.packing import (
     collate,
     flatten_batch,
     iter_packed,
-    row_cu_seqlens,
-    shard_sequence_parallel,
 )
 from data.sources import load_sources, token_counts, tokenize_source
 from data.store import TokenStore, write_store
@@ -66,8 +64,6 @@ __all__ = [
     "make_task",
     "niah_multikey",
     "passkey",
-    "row_cu_seqlens",
-    "shard_sequence_parallel",
     "token_counts",
     "tokenize_source",
     "train_tokenizer",

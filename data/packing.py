@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from data.store import TokenStore
-
-IGNORE_INDEX = -100
+from powerattn.targets import IGNORE_INDEX
 
 
 def collate(
@@ -73,45 +72,6 @@ def flatten_batch(batch: dict) -> dict:
     for key in ("input_ids", "labels", "position_ids"):
         out[key] = batch[key].reshape(1, -1)
     return out
-
-
-def row_cu_seqlens(batch: dict) -> list[torch.Tensor]:
-    """Per-row int32 cu_seqlens (each from 0 to S), for consumers that keep B > 1 unflattened."""
-    b, s = batch["input_ids"].shape
-    cu = batch["cu_seqlens"].long()
-    out = []
-    for r in range(b):
-        inside = cu[(cu >= r * s) & (cu <= (r + 1) * s)] - r * s
-        out.append(inside.to(torch.int32))
-    return out
-
-
-def shard_sequence_parallel(batch: dict, sp_rank: int, sp_size: int) -> dict:
-    """This rank's contiguous 1/sp_size slice of every row, for sequence-parallel training.
-
-    The model's internal label shift would need the next rank's first label, so the slice carries
-    `shift_labels` (labels[t + 1], -100 at each row's end) to be scored WITHOUT shifting.
-    cu_seqlens / max_seqlen stay global (ring attention needs all boundaries); `sp_offset` is the
-    slice's first position within the row.
-    """
-    b, s = batch["input_ids"].shape
-    if sp_size < 1 or not 0 <= sp_rank < sp_size:
-        raise ValueError(f"shard_sequence_parallel: bad sp_rank={sp_rank} / sp_size={sp_size}")
-    if s % sp_size:
-        raise ValueError(f"shard_sequence_parallel: seq_len {s} is not divisible by sp_size {sp_size}")
-    c = s // sp_size
-    lo, hi = sp_rank * c, (sp_rank + 1) * c
-    shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
-    shifted[:, :-1] = batch["labels"][:, 1:]
-    return {
-        "input_ids": batch["input_ids"][:, lo:hi],
-        "labels": batch["labels"][:, lo:hi],
-        "shift_labels": shifted[:, lo:hi],
-        "position_ids": batch["position_ids"][:, lo:hi],
-        "cu_seqlens": batch["cu_seqlens"],
-        "max_seqlen": batch["max_seqlen"],
-        "sp_offset": lo,
-    }
 
 
 class DocStream:

@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from data.loader import PackedLoader, Source
-from data.packing import (
-    IGNORE_INDEX,
-    collate,
-    flatten_batch,
-    iter_packed,
-    row_cu_seqlens,
-    shard_sequence_parallel,
-)
+from data.packing import IGNORE_INDEX, collate, flatten_batch, iter_packed
 from data.store import write_store
 from powerattn.reference import document_positions
+from powerattn.training.microbatch import make_microbatch
 
 
 def _store(tmp_path, n_docs=120, seed=0, max_len=50, name="s"):
@@ -58,7 +52,6 @@ def test_collate_hand_made():
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 2, 3, 4, -100], [-100] + [-100] * 4]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0], [0, 0, 1, 2, 3]]
     assert b["cu_seqlens"].tolist() == [0, 3, 5, 9, 10, 11, 15] and b["max_seqlen"] == 4
-    assert [c.tolist() for c in row_cu_seqlens(b)] == [[0, 3, 5], [0, 4, 5], [0, 1, 5]]
     with pytest.raises(ValueError, match="more than seq_len"):
         collate([[np.arange(6)]], 5, pad_id=0)
 
@@ -120,12 +113,12 @@ def test_flattened_batch_feeds_sparse_attention(tmp_path):
 def test_sequence_parallel_shards(tmp_path):
     st = _store(tmp_path)
     batch = next(PackedLoader([Source("s", st)], seq_len=64, batch_size=2))
-    shards = [shard_sequence_parallel(batch, r, 4) for r in range(4)]
-    for key in ("input_ids", "labels", "position_ids"):
-        assert torch.equal(torch.cat([s[key] for s in shards], dim=1), batch[key])
-    shift = torch.cat([s["shift_labels"] for s in shards], dim=1)
+    shards = [make_microbatch(batch, r, 4) for r in range(4)]
+    assert torch.equal(torch.cat([s.input_ids for s in shards], dim=1), batch["input_ids"])
+    assert torch.equal(torch.cat([s.documents.position_ids for s in shards], dim=1), batch["position_ids"])
+    shift = torch.cat([s.targets for s in shards], dim=1)
     assert torch.equal(shift[:, :-1], batch["labels"][:, 1:]) and (shift[:, -1] == IGNORE_INDEX).all()
-    assert [s["sp_offset"] for s in shards] == [0, 16, 32, 48]
-    assert all(s["cu_seqlens"] is batch["cu_seqlens"] for s in shards)
+    assert all(s.documents.cu_seqlens is batch["cu_seqlens"] for s in shards)
+    assert sum(s.num_targets for s in shards) == make_microbatch(batch).num_targets
     with pytest.raises(ValueError, match="not divisible"):
-        shard_sequence_parallel(batch, 0, 3)
+        make_microbatch(batch, 0, 3)

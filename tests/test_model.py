@@ -223,7 +223,7 @@ def test_flops_per_token():
     model = LlamaForCausalLM(cfg, sparse_power(), attention_schedule=[1])
     d = sparse_power().density(s)
     expect = dense + 4 * 4 * hd * (s + 1) / 2 * (1 + d)
-    assert d < 0.9 and model.flops_per_token(s, training=False) == pytest.approx(expect)
+    assert d < 0.9 and flops_per_token(cfg, s, model.layer_patterns, training=False) == pytest.approx(expect)
 
 
 def test_input_errors():

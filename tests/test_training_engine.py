@@ -17,10 +17,10 @@ from powerattn.training.engine import (
     NonFiniteLossError,
     StepResult,
     deepspeed_config,
-    num_targets,
     train_step,
 )
 from powerattn.training.metrics import FlopCounter, peak_flops
+from powerattn.training.microbatch import make_microbatch
 from powerattn.training.modeling import apply_stage_context, check_model
 from powerattn.training.optim import LRSchedule, param_groups
 
@@ -50,7 +50,7 @@ class FakeEngine:
     def __call__(self, batch):
         i, self.forwards = self.forwards, self.forwards + 1
         self.log.append(("forward", i))
-        value = math.nan if i in self.bad else 2.0 * batch["num_targets"]
+        value = math.nan if i in self.bad else 2.0 * batch.num_targets
         return torch.tensor(value, requires_grad=True)
 
     def backward(self, loss, scale_wrt_gas=True):
@@ -123,7 +123,7 @@ def test_the_guard_stops_after_n_bad_steps_in_a_row():
 
 def test_num_targets_skips_document_starts_and_padding():
     batch = collate([[torch.arange(5).numpy(), torch.arange(3).numpy()]], 10, pad_id=0)
-    assert num_targets(batch) == 4 + 2  # two documents, their first tokens unlabelled, two padding tokens
+    assert make_microbatch(batch).num_targets == 4 + 2  # two documents, their first tokens unlabelled, two padding tokens
 
 
 def test_deepspeed_config_derives_batch_precision_and_clipping():

@@ -50,10 +50,10 @@ def _worker() -> None:
     from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
     import powerattn
-    from data import flatten_batch, shard_sequence_parallel
+    from data import flatten_batch
     from powerattn.model import LlamaConfig, LlamaForCausalLM
-    from powerattn.training.engine import num_targets
-    from powerattn.training.sequence_parallel import enable_ulysses, sequence_parallel_loss, ulysses_disabled
+    from powerattn.training.microbatch import make_microbatch
+    from powerattn.training.sequence_parallel import enable_ulysses, ulysses_disabled
 
     deepspeed.init_distributed(dist_backend="gloo")
     mpu.initialize_sequence_parallel(WORKERS)
@@ -74,9 +74,8 @@ def _worker() -> None:
 
     enable_ulysses(model, group)
     model.train()
-    shard = shard_sequence_parallel(batch, rank, WORKERS)
-    shard["max_position"] = int(batch["position_ids"].max()) + 1
-    loss = sequence_parallel_loss(model, shard, shard["max_position"]) / num_targets(batch)
+    shard = make_microbatch(batch, rank, WORKERS)
+    loss = model.loss(shard.input_ids, shard.targets, shard.documents).loss_sum / make_microbatch(batch).num_targets
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total, group=group)

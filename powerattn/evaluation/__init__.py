@@ -10,7 +10,7 @@
 from powerattn.evaluation.coverage import layered_coverage, run_receptive_field
 from powerattn.evaluation.generation import greedy_continuations
 from powerattn.evaluation.passkey import PasskeyGrid, passkey_grid, passkey_match, quick_passkey
-from powerattn.evaluation.perplexity import heldout_stores, run_perplexity, token_nll
+from powerattn.evaluation.perplexity import heldout_stores, run_perplexity
 from powerattn.evaluation.ruler import run_ruler
 
 __all__ = [
@@ -24,5 +24,4 @@ __all__ = [
     "run_perplexity",
     "run_receptive_field",
     "run_ruler",
-    "token_nll",
 ]

@@ -19,13 +19,15 @@ from tqdm.auto import tqdm
 
 from data.config import SourceConfig, SyntheticConfig
 from data.default import default_corpus
-from data.packing import IGNORE_INDEX, flatten_batch, iter_packed
+from data.packing import flatten_batch, iter_packed
 from data.sources import tokenize_source
 from data.store import TokenStore
 from data.tokenizer import Tokenizer
 from powerattn.evaluation.generation import eval_mode, model_device, unwrap
 from powerattn.evaluation.passkey import check_lengths
-from powerattn.model.loss import next_token_targets
+from powerattn.model.context import find_documents
+from powerattn.model.loss import chunked_nll
+from powerattn.targets import IGNORE_INDEX, next_token_targets
 
 MODES = ("documents", "concat")
 # The held-out default: the embedded generator with another seed than training's (0), longer documents.
@@ -45,18 +47,6 @@ def heldout_stores(tokenizer: Tokenizer, data: str | None, cache_dir: str | Path
     if not stores:
         raise ValueError(f"ppl: the corpus {path!r} holds no tokens")
     return stores
-
-
-@torch.no_grad()
-def token_nll(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 2048) -> Tensor:
-    """float32 [N] negative log-likelihood of targets [N] under logits hidden @ weight.T (0 where ignored)."""
-    out = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for a in range(0, targets.shape[0], chunk):
-        logits = (hidden[a:a + chunk] @ weight.t()).float()
-        t = targets[a:a + chunk]
-        nll = torch.logsumexp(logits, -1) - logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
-        out[a:a + chunk] = nll * (t != IGNORE_INDEX)
-    return out
 
 
 def _rows(stores: list[TokenStore], length: int, batch_size: int, pad_id: int, reset: bool, max_rows: int):
@@ -86,7 +76,7 @@ def _batch_nll(model: nn.Module, batch: dict, mode: str, device: torch.device) -
     if mode == "documents":
         flat = flatten_batch(batch)
         ids, cu = flat["input_ids"].to(device), flat["cu_seqlens"]
-        hidden = model.model(ids, cu_seqlens=cu, max_seqlen=int(flat["max_seqlen"]))
+        hidden = model.model(ids, find_documents(ids, cu_seqlens=cu, max_seqlen=int(flat["max_seqlen"])))
         targets = next_token_targets(flat["labels"].to(device), cu_seqlens=cu)
         positions = flat["position_ids"]
     else:
@@ -95,8 +85,8 @@ def _batch_nll(model: nn.Module, batch: dict, mode: str, device: torch.device) -
         targets = next_token_targets(batch["labels"].to(device))
         positions = batch["position_ids"]
     targets, positions = targets.reshape(-1), positions.reshape(-1).to(device)
-    nll = token_nll(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets,
-                    model.config.loss_chunk_size)
+    nll, _ = chunked_nll(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets,
+                         model.config.loss_chunk_size)
     keep = targets != IGNORE_INDEX
     return nll[keep], positions[keep]
 

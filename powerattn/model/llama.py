@@ -1,12 +1,14 @@
-"""LLaMA-family decoder (Llama-2/3, Mistral, Qwen2) whose attention is one call to `sparse_attention`.
+"""LLaMA-family decoder (Llama-2/3, Mistral, Qwen2) whose attention is one call to an attention core
+(`sparse_attention`; sequence parallelism wraps it, see training/sequence_parallel.py).
 
 Parameter names match transformers' LlamaForCausalLM / Qwen2ForCausalLM, so state dicts interchange.
+Generation (generate.py), document and cache bookkeeping (context.py), HF I/O (hf_io.py), FLOP
+counting (flops.py) and ZeRO-3 helpers (zero3.py) live beside this file.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +17,14 @@ from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from powerattn.model.config import LlamaConfig, extend_context, resolve_attention_schedule
-from powerattn.model.flops import flops_per_token
+from powerattn.model.context import AttentionContext, Documents, attention_context, find_documents
 from powerattn.model.kv_cache import KVCache
-from powerattn.model.loss import chunked_cross_entropy, next_token_targets
+from powerattn.model.loss import TokenLoss, chunked_cross_entropy
 from powerattn.model.rope import RotaryEmbedding, apply_rope
-from powerattn.model.zero3 import gathered, is_zero3, rank
+from powerattn.model.zero3 import edited_on_rank0
 from powerattn.ops import BACKENDS, decode_attention, sparse_attention
 from powerattn.patterns import Pattern, make_pattern
-from powerattn.reference import document_positions
+from powerattn.targets import next_token_targets
 
 
 class RMSNorm(nn.Module):
@@ -35,19 +37,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-@dataclass
-class Batch:
-    """What every layer needs besides the hidden states, prepared once per forward."""
-
-    cos: Tensor  # float32 [b or 1, s, head_dim // 2]
-    sin: Tensor
-    cu_seqlens: Tensor | None = None  # int32 on the input's device
-    cu_list: list[int] | None = None  # the same on the host, when known without a sync
-    max_seqlen: int | None = None
-    kv_cache: KVCache | None = None
-    cache_seqlens: Tensor | None = None  # int32 [b]: cache lengths after this step (decoding only)
 
 
 class Attention(nn.Module):
@@ -63,27 +52,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=config.o_bias)
         self.pattern: Pattern = make_pattern("full")  # set by LlamaForCausalLM.configure_attention
         self.backend = "auto"
+        self.core = sparse_attention  # (q, k, v, pattern, cu_seqlens, backend=, max_seqlen=) -> out
 
-    def qkv(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Projected q, k, v [b, s, heads, d], RoPE applied to q and k."""
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim), batch.cos, batch.sin)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), batch.cos, batch.sin)
-        return q, k, self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
-
-    def forward(self, x: Tensor, batch: Batch) -> Tensor:
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x, batch)
-        cache = batch.kv_cache
-        if cache is not None and batch.cache_seqlens is not None:
-            # Decoding: new queries read the cache, each only the key blocks its pattern row names.
+        q = apply_rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), ctx.cos, ctx.sin)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
+        cache = ctx.kv_cache
+        if cache is not None and self.core is not sparse_attention:
+            raise RuntimeError("a KV cache needs the plain attention core (decode under ulysses_disabled())")
+        if ctx.decoding:  # new queries read the cache, each only the key blocks its pattern row names
             kc, vc = cache.write(self.layer_idx, k, v)
-            y = decode_attention(q, kc, vc, self.pattern, batch.cache_seqlens, backend=self.backend)
+            y = decode_attention(q, kc, vc, self.pattern, ctx.cache_seqlens, backend=self.backend)
         else:
             if cache is not None:  # prefill: attend within the prompt, keep its keys for decoding
-                cache.write(self.layer_idx, k, v, batch.cu_list)
-            y = sparse_attention(q, k, v, self.pattern, batch.cu_seqlens, backend=self.backend,
-                                 max_seqlen=batch.max_seqlen)
+                cache.write(self.layer_idx, k, v, ctx.cu_list)
+            y = self.core(q, k, v, self.pattern, ctx.cu_seqlens, backend=self.backend, max_seqlen=ctx.max_seqlen)
         return self.o_proj(y.reshape(b, s, -1))
 
 
@@ -117,8 +102,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, batch: Batch) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,105 +120,37 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                max_seqlen: int | None = None, kv_cache: KVCache | None = None) -> Tensor:
-        batch, new_tokens = self._prepare(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
-        h = self.run_layers(self.embed_tokens(input_ids), batch)
-        if kv_cache is not None:
-            kv_cache.advance(new_tokens)
-        return h
+    def forward(self, input_ids: Tensor, docs: Documents | None = None, kv_cache: KVCache | None = None) -> Tensor:
+        """Hidden states [b, s, hidden] of input_ids laid out as `docs` says; a KV cache gains their keys.
 
-    def run_layers(self, h: Tensor, batch: Batch) -> Tensor:
-        """Decoder layers (those the config names activation-checkpointed, when training), then the norm.
-
-        A checkpointed layer keeps only its input for backward; with offload_activations that input waits
-        in CPU memory (pinned, copied back when backward reaches the layer), the recomputation stays on the GPU.
+        Layers the config names are activation-checkpointed when training; with offload_activations the
+        input a checkpointed layer keeps waits in CPU memory (pinned, copied back when backward reaches it).
         """
+        ctx = attention_context(self.rotary, input_ids, docs or Documents(), kv_cache)
+        h = self.embed_tokens(input_ids)
         recompute = self.config.checkpointed_layers() if self.training and torch.is_grad_enabled() else ()
         for i, layer in enumerate(self.layers):
             if i not in recompute:
-                h = layer(h, batch)
+                h = layer(h, ctx)
                 continue
             with save_on_cpu(pin_memory=h.is_cuda) if self.config.offload_activations else nullcontext():
-                h = checkpoint(layer, h, batch, use_reentrant=False)
-        return self.norm(h)
-
-    def _prepare(self, input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache) -> tuple[Batch, list[int]]:
-        """Resolve documents, positions and cache state into a Batch; also the tokens each cache row gains."""
-        b, s = input_ids.shape
-        device = input_ids.device
-        if position_ids is not None and kv_cache is not None:
-            raise ValueError("position_ids come from the KV cache when decoding; do not pass them")
-        docs = _documents(b, s, device, position_ids, cu_seqlens, max_seqlen)
-        position_ids, cu_seqlens, cu_list, max_seqlen, max_position = docs
-        rope_len = max_position  # the length dynamic NTK scales for
-        cache_seqlens, new_tokens = None, []
+                h = checkpoint(layer, h, ctx, use_reentrant=False)
         if kv_cache is not None:
-            if cu_seqlens is not None:  # ragged prompts packed into one row, one cache row per document
-                if cu_list is None or not kv_cache.empty or len(cu_list) - 1 != len(kv_cache.lengths):
-                    raise ValueError("packed prefill needs cu_seqlens on the CPU and an empty KV cache "
-                                     "with one row per document")
-                new_tokens = [y - x for x, y in zip(cu_list, cu_list[1:])]
-            else:
-                if b != len(kv_cache.lengths):
-                    raise ValueError(f"input batch {b} does not match KV cache batch {len(kv_cache.lengths)}")
-                position_ids = kv_cache.positions(s, device)
-                new_tokens = [s] * b
-                if not kv_cache.empty:
-                    cache_seqlens = kv_cache.seqlens_after(s, device)
-            kv_cache.check_room(new_tokens)
-            # The whole generation shares one dynamic-NTK base, so cached keys stay consistent.
-            max_position = rope_len = kv_cache.max_len
-        cos, sin = self.rotary(position_ids, s, device, max_position, seq_len=rope_len)
-        return Batch(cos, sin, cu_seqlens, cu_list, max_seqlen, kv_cache, cache_seqlens), new_tokens
-
-
-def _documents(b: int, s: int, device: torch.device, position_ids: Tensor | None, cu_seqlens: Tensor | None,
-               max_seqlen: int | None):
-    """Documents and positions: (position_ids, cu_seqlens, cu_list, max_seqlen, max_position).
-
-    cu_seqlens (batch 1) gives documents and, by default, positions restarting in each. Without it,
-    position_ids that restart (do not continue by +1) mark documents: that costs one host sync.
-    max_position bounds the position ids (exclusive); cu_list is cu_seqlens on the host when known.
-    """
-    cu_list = None
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError(f"cu_seqlens marks packed documents and needs batch 1, got batch {b}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be an integer tensor [num_docs + 1], got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device.type == "cpu":
-            cu_list = cu_seqlens.tolist()
-            if cu_list[0] != 0 or cu_list[-1] != s or any(x > y for x, y in zip(cu_list, cu_list[1:])):
-                raise ValueError(f"cu_seqlens must ascend from 0 to seqlen={s}, got {cu_list}")
-            max_seqlen = max_seqlen or max(y - x for x, y in zip(cu_list, cu_list[1:]))
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
-        if position_ids is None:
-            positions = document_positions(cu_seqlens, s)[1][None]
-            return positions, cu_seqlens, cu_list, max_seqlen, max_seqlen or s
-    elif position_ids is not None:
-        position_ids = position_ids.to(device).expand(b, s)
-        restart = position_ids[:, 1:] != position_ids[:, :-1] + 1
-        if bool(restart.any()):
-            if b != 1:
-                raise ValueError("position_ids restart inside a row (packed documents): use batch 1")
-            cu_list = [0, *(torch.nonzero(restart[0]).flatten() + 1).tolist(), s]
-            cu_seqlens = torch.tensor(cu_list, dtype=torch.int32, device=device)
-            max_seqlen = max(y - x for x, y in zip(cu_list, cu_list[1:]))
-    if position_ids is None:
-        return None, None, None, max_seqlen, s
-    return position_ids, cu_seqlens, cu_list, max_seqlen, int(position_ids.max()) + 1
+            kv_cache.advance(ctx.new_tokens)
+        return self.norm(h)
 
 
 class LMHead(nn.Module):
-    """lm_head: logits, or the chunked next-token loss inside one call (ZeRO-3 gathers the weight once)."""
+    """lm_head: logits; given targets, the chunked next-token loss instead, never holding all logits.
+
+    One module call either way, so ZeRO-3 gathers the weight once (its hooks run only on calls).
+    """
 
     def __init__(self, hidden_size: int, vocab_size: int, tied: nn.Parameter | None = None):
         super().__init__()
         self.weight = tied if tied is not None else nn.Parameter(torch.empty(vocab_size, hidden_size))
 
-    def forward(self, hidden: Tensor, targets: Tensor | None = None, chunk_size: int = 2048) -> Tensor:
+    def forward(self, hidden: Tensor, targets: Tensor | None = None, chunk_size: int = 2048) -> Tensor | TokenLoss:
         if targets is None:
             return F.linear(hidden, self.weight)
         return chunked_cross_entropy(hidden, self.weight, targets, chunk_size)
@@ -285,75 +202,26 @@ class LlamaForCausalLM(nn.Module):
         [num_docs + 1], batch 1) or by position_ids restarting. position_ids default to 0..s-1,
         or to positions inside each document when cu_seqlens is given.
         """
-        if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be integer [batch, seqlen], got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                              f"{tuple(input_ids.shape)}")
-        hidden = self.model(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
+        if position_ids is not None and kv_cache is not None:
+            raise ValueError("position_ids come from the KV cache when decoding; do not pass them")
+        docs = find_documents(input_ids, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
-            return self.lm_head(hidden)
-        targets = next_token_targets(labels, cu_seqlens, position_ids)
-        return self.lm_head(hidden, targets, self.config.loss_chunk_size)
+            return self.lm_head(self.model(input_ids, docs, kv_cache))
+        return self.loss(input_ids, next_token_targets(labels, docs.cu_seqlens, docs.position_ids), docs).mean()
 
-    @torch.no_grad()
+    def loss(self, input_ids: Tensor, targets: Tensor, docs: Documents) -> TokenLoss:
+        """Summed loss of already-shifted targets [b, s] and their count (training: rows, or a Ulysses slice)."""
+        return self.lm_head(self.model(input_ids, docs), targets, self.config.loss_chunk_size)
+
     def generate(self, input_ids: Tensor | list[Tensor], max_new_tokens: int,
                  eos_token_id: int | list[int] | None = None) -> Tensor | list[Tensor]:
-        """Greedy decoding with a KV cache; every new token reads only its pattern row's key blocks.
+        """Greedy decoding with a KV cache, each new token reading only its pattern row (see generate.py)."""
+        from powerattn.model.generate import generate
 
-        input_ids: [b, s] prompts of one length -> [b, s + max_new_tokens]; or a list of 1-D prompts
-        of any lengths -> a list of 1-D (prompt + new tokens). With eos_token_id a row stops at EOS
-        (a tensor result is padded with it) and decoding ends once every row has stopped. Under
-        ZeRO-3 every rank must run the same number of steps: leave eos_token_id None there.
-        Dynamic-NTK RoPE uses one base for the whole call, that of prompt + max_new_tokens.
-        """
-        ragged = isinstance(input_ids, (list, tuple))
-        prompts = [p.reshape(-1) for p in input_ids] if ragged else None
-        if not ragged and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
-            raise ValueError(f"generate: input_ids must be [batch, seqlen >= 1]: {tuple(input_ids.shape)}")
-        lengths = [len(p) for p in prompts] if ragged else [input_ids.shape[1]] * input_ids.shape[0]
-        if not lengths or min(lengths) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
-        if max_new_tokens < 1:
-            return input_ids
-        cache = KVCache(self.config.num_hidden_layers, len(lengths), max(lengths) + max_new_tokens)
-        if ragged:
-            cu = [0]
-            for n in lengths:
-                cu.append(cu[-1] + n)
-            hidden = self.model(torch.cat(prompts)[None], cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-                                kv_cache=cache)
-            last = hidden[0, torch.tensor(cu[1:], device=hidden.device) - 1]
-        else:
-            last = self.model(input_ids, kv_cache=cache)[:, -1]
-        eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=last.device).reshape(-1)
-        finished = torch.zeros(len(lengths), dtype=torch.bool, device=last.device)
-        out = []
-        for step in range(max_new_tokens):
-            token = self.lm_head(last).float().argmax(-1)
-            if eos is not None:
-                token = torch.where(finished, eos[0], token)
-                finished |= torch.isin(token, eos)
-            out.append(token)
-            if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
-                break
-            last = self.model(token[:, None], kv_cache=cache)[:, -1]
-        new = torch.stack(out, dim=1)
-        if eos is not None and len(out) < max_new_tokens:
-            new = F.pad(new, (0, max_new_tokens - len(out)), value=int(eos[0]))
-        if not ragged:
-            return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
-        results = []
-        for p, row in zip(prompts, new):
-            if eos is not None and bool(torch.isin(row, eos).any()):
-                row = row[: int(torch.isin(row, eos).nonzero()[0]) + 1]
-            results.append(torch.cat([p, row.to(p.dtype)]))
-        return results
-
-    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        """FLOPs per token at seq_len with this model's per-layer patterns (see flops.flops_per_token)."""
-        return flops_per_token(self.config, seq_len, self.layer_patterns, training)
+        return generate(self, input_ids, max_new_tokens, eos_token_id)
 
     def extend_context(self, max_position_embeddings: int, *, rope_theta: float | None = None,
                        rope_scaling: dict | str | None = None) -> None:
@@ -379,8 +247,8 @@ class LlamaForCausalLM(nn.Module):
             params = list(module.parameters(recurse=False))
             if not params or (isinstance(module, LMHead) and self.config.tie_word_embeddings):
                 continue
-            with gathered(params, modifier_rank=0):
-                if any(is_zero3(p) for p in params) and rank() != 0:
+            with edited_on_rank0(params) as write:
+                if not write:
                     continue
                 if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
                     module.weight.normal_(0.0, std)

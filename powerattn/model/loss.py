@@ -1,60 +1,67 @@
-"""Next-token targets and a cross-entropy that never holds [tokens, vocab] float32 logits at once.
+"""A next-token cross-entropy that never holds [tokens, vocab] float32 logits at once.
 
-Labels are HF-style: aligned with input_ids (labels[t] is the token AT position t) and shifted
-here, so position t is trained to predict labels[t + 1]; IGNORE_INDEX (-100) is skipped. With
-packed documents the last token of each document has no target (nothing across documents).
+Targets come from `powerattn.targets.next_token_targets` (already shifted). The loss is returned as a
+`TokenLoss`: the summed token loss and the number of targets it sums over, so a caller that averages
+over more tokens (micro-batches, ranks, Ulysses slices) never recounts them.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from powerattn.targets import IGNORE_INDEX, next_token_targets
+
+__all__ = ["IGNORE_INDEX", "TokenLoss", "chunked_cross_entropy", "chunked_nll", "next_token_targets"]
 
 
-def next_token_targets(
-    labels: Tensor, cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None
-) -> Tensor:
-    """targets[b, t] = labels[b, t + 1], IGNORE_INDEX at the end and where t + 1 starts a new document.
+class TokenLoss(NamedTuple):
+    """Summed next-token loss (float32 scalar, differentiable) over `num_targets` scored targets.
 
-    Document starts come from cu_seqlens (batch 1) or, without it, from position_ids that do not
-    continue by +1 (a restart at 0 for each packed document).
+    A tuple, so ZeRO-3's module hooks see the tensors inside (they skip other objects).
     """
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    if cu_seqlens is not None:
-        starts = cu_seqlens[1:-1].to(device=labels.device, dtype=torch.long)
-        targets[0, (starts - 1).clamp(min=0)] = IGNORE_INDEX  # empty documents give start 0: harmless
-    elif position_ids is not None:
-        pos = position_ids.to(labels.device).expand_as(labels)
-        restart = pos[:, 1:] != pos[:, :-1] + 1
-        targets[:, :-1] = targets[:, :-1].masked_fill(restart, IGNORE_INDEX)
-    return targets
+
+    loss_sum: Tensor
+    num_targets: Tensor  # int64 scalar
+
+    def mean(self) -> Tensor:
+        """The mean token loss; 0 (still differentiable) when nothing is scored."""
+        return self.loss_sum / self.num_targets.clamp(min=1)
+
+
+def chunked_nll(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(nll, lse): float32 [N] negative log-likelihood of targets [N] under logits hidden [N, H] @ weight.T
+    (0 where ignored) and the logsumexp of each row, chunk rows at a time.
+
+    Logits are formed in the weight dtype and upcast to float32, as `lm_head(hidden).float()` does.
+    """
+    n = hidden.shape[0]
+    nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for a in range(0, n, chunk):
+        logits = (hidden[a:a + chunk] @ weight.t()).float()
+        t = targets[a:a + chunk]
+        lse[a:a + chunk] = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
+        nll[a:a + chunk] = (lse[a:a + chunk] - picked) * (t != IGNORE_INDEX)
+    return nll, lse
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum over tokens of cross_entropy(hidden @ weight.T, targets), chunk by chunk.
 
     Forward keeps only the per-token logsumexp; backward recomputes each chunk's logits (one extra
-    lm_head matmul) instead of storing them. Logits are formed in the weight dtype and upcast to
-    float32, exactly as `lm_head(hidden).float()` followed by cross_entropy.
+    lm_head matmul) instead of storing them.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for a in range(0, n, chunk):
-            logits = (hidden[a:a + chunk] @ weight.t()).float()
-            t = targets[a:a + chunk]
-            lse[a:a + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
-            total += ((lse[a:a + chunk] - picked) * (t != IGNORE_INDEX)).sum()
+        nll, lse = chunked_nll(hidden, weight, targets, chunk)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
-        return total
+        return nll.sum()
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
@@ -82,13 +89,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
-    """Mean next-token loss of hidden [..., H] under lm_head weight [V, H] over non-ignored targets [...].
-
-    Returns 0 (still differentiable) when every target is ignored.
-    """
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> TokenLoss:
+    """Next-token loss of hidden [..., H] under lm_head weight [V, H] over non-ignored targets [...]."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     total = _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
-    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
+    return TokenLoss(total, (targets != IGNORE_INDEX).sum())

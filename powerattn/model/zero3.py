@@ -99,3 +99,11 @@ def write_gathered(param: nn.Parameter, full: Tensor) -> None:
     with gathered([param], modifier_rank=0), torch.no_grad():
         if rank() == 0:
             param.data.copy_(full.reshape(param.shape))
+
+
+@contextlib.contextmanager
+def edited_on_rank0(params: Sequence[nn.Parameter]) -> Iterator[bool]:
+    """Full parameters inside the block; yields whether this rank should write them (rank 0's edits are
+    kept under ZeRO-3, every rank writes ordinary parameters)."""
+    with gathered(params, modifier_rank=0):
+        yield not any(is_zero3(p) for p in params) or rank() == 0

@@ -2,8 +2,8 @@
 
 - `deepspeed_config`: the `deepspeed` config group plus what train.py derives (micro-batch, gradient
   accumulation, clipping, bf16/fp16), so batch sizes cannot contradict each other.
-- `TrainingModel`: what DeepSpeed wraps; a prepared micro-batch in, the summed token loss of this
-  rank's tokens out (whole rows, or its Ulysses slice).
+- `TrainingModel`: what DeepSpeed wraps; a `MicroBatch` in (training/microbatch.py), the summed token
+  loss of this rank's tokens out (whole rows, or its Ulysses slice) through the model's own forward.
 - `train_step`: one optimizer step. The loss is the mean over every target token of the step (all
   micro-batches, all ranks), so gradients do not depend on how a step is split into micro-batches,
   data-parallel ranks or sequence-parallel slices. Accumulation boundaries are ours (stages change
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from data import flatten_batch, shard_sequence_parallel
-from powerattn.model import IGNORE_INDEX, LlamaForCausalLM
+from powerattn.model import LlamaForCausalLM
 from powerattn.training.config import TrainConfig
 from powerattn.training.curriculum import Stage
 from powerattn.training.distributed import Dist
+from powerattn.training.microbatch import MicroBatch, make_microbatch
 from powerattn.training.optim import build_optimizer, scheduler_factory
-from powerattn.training.sequence_parallel import enable_ulysses, sequence_parallel_loss
+from powerattn.training.sequence_parallel import enable_ulysses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,18 +57,14 @@ def cpu_offload(ds_config: dict) -> bool:
 
 
 class TrainingModel(nn.Module):
-    """Prepared micro-batch -> summed token loss; holds the LM as `lm` (its parameter names inside)."""
+    """MicroBatch -> summed token loss of its tokens; holds the LM as `lm` (its parameter names inside)."""
 
     def __init__(self, lm: LlamaForCausalLM):
         super().__init__()
         self.lm = lm
 
-    def forward(self, batch: dict) -> Tensor:
-        if "shift_labels" in batch:
-            return sequence_parallel_loss(self.lm, batch, batch["max_position"])
-        mean = self.lm(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                       cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
-        return mean * batch["num_targets"]
+    def forward(self, mb: MicroBatch) -> Tensor:
+        return self.lm.loss(mb.input_ids, mb.targets, mb.documents).loss_sum
 
 
 def build_engine(lm: LlamaForCausalLM, cfg: TrainConfig, ds_config: dict, dist: Dist, total_steps: int):
@@ -95,28 +91,6 @@ def set_stage_batch(engine, stage: Stage, dp_size: int) -> None:
         engine.optimizer.gradient_accumulation_steps = stage.grad_accum
 
 
-def num_targets(batch: dict) -> int:
-    """Next-token targets of a loader batch: labels[t + 1] != -100 within each row."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def prepare(batch: dict, dist: Dist) -> dict:
-    """A loader batch as the model input of this rank: flattened rows, or its Ulysses slice.
-
-    cu_seqlens stay on the host (the model and the backends read them there without a device sync).
-    """
-    dev = dist.device
-    if dist.sp_size == 1:
-        flat = flatten_batch(batch)
-        out = {k: flat[k].to(dev, non_blocking=True) for k in ("input_ids", "labels", "position_ids")}
-        return {**out, "cu_seqlens": flat["cu_seqlens"], "max_seqlen": flat["max_seqlen"],
-                "num_targets": num_targets(batch)}
-    shard = shard_sequence_parallel(batch, dist.sp_rank, dist.sp_size)
-    out = {k: shard[k].to(dev, non_blocking=True) for k in ("input_ids", "shift_labels", "position_ids")}
-    return {**out, "cu_seqlens": shard["cu_seqlens"], "max_seqlen": shard["max_seqlen"],
-            "max_position": int(batch["position_ids"].max()) + 1}
-
-
 @dataclass
 class StepResult:
     loss: float          # mean token loss of the step's finite micro-batches, all ranks (nan if none)
@@ -133,21 +107,21 @@ def train_step(engine, loader, stage: Stage, dist: Dist, flops_of) -> StepResult
     """One optimizer step over stage.grad_accum micro-batches from `loader` (see the module docstring)."""
     start = time.perf_counter()
     lr = float(engine.get_lr()[0])
-    batches = [next(loader) for _ in range(stage.grad_accum)]  # host memory: count targets first
-    counts = [num_targets(b) for b in batches]
-    # Every rank of a Ulysses group holds the same rows: each counts 1/sp of them.
-    step_targets, flops = _sum(dist, sum(counts) / dist.sp_size, sum(map(flops_of, batches)) / dist.sp_size)
+    batches = [next(loader) for _ in range(stage.grad_accum)]
+    mbs = [make_microbatch(b, dist.sp_rank, dist.sp_size) for b in batches]  # host memory: count targets first
+    # Every rank of a Ulysses group holds the same rows (flops counts 1/sp of them) but scores only its slice.
+    step_targets, flops = _sum(dist, sum(mb.num_targets for mb in mbs), sum(map(flops_of, batches)) / dist.sp_size)
     scale = dist.dp_size / max(step_targets, 1.0)  # DeepSpeed averages gradients over dp_size replicas
     loss_sum = loss_count = 0.0
     nonfinite = backwards = 0
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
+    for i, mb in enumerate(mbs):
+        last = i == len(mbs) - 1
         engine.set_gradient_accumulation_boundary(last)
-        loss = engine(prepare(batch, dist))
+        loss = engine(mb.to(dist.device))
         value = float(loss.detach().float().item())
         bad = not math.isfinite(value)
         # One all-reduce: the micro-batch's global loss and targets, and whether any rank saw a bad loss.
-        total, targets, bad_ranks = _sum(dist, 0.0 if bad else value, counts[i] / dist.sp_size, float(bad))
+        total, targets, bad_ranks = _sum(dist, 0.0 if bad else value, mb.num_targets, float(bad))
         if bad_ranks:
             nonfinite += 1
             if last and backwards:  # the boundary must still happen (ZeRO-1 reduces gradients there)
@@ -187,13 +161,13 @@ def _grad_norm(module: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _neutral_batch(dist: Dist) -> dict:
+def _neutral_batch(dist: Dist) -> MicroBatch:
     """A tiny valid micro-batch whose zero-weighted backward closes an accumulation without gradient."""
     n = 8 * dist.sp_size
     ids = torch.zeros(1, n, dtype=torch.long)
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(n)[None],
              "cu_seqlens": torch.tensor([0, n], dtype=torch.int32), "max_seqlen": n}
-    return prepare(batch, dist)
+    return make_microbatch(batch, dist.sp_rank, dist.sp_size).to(dist.device)
 
 
 def _neutral_backward(engine, dist: Dist) -> None:
