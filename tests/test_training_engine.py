@@ -123,7 +123,7 @@ def test_the_guard_stops_after_n_bad_steps_in_a_row():
 
 def test_num_targets_skips_document_starts_and_padding():
     batch = collate([[torch.arange(5).numpy(), torch.arange(3).numpy()]], 10, pad_id=0)
-    assert make_microbatch(batch).num_targets == 4 + 2  # two documents, their first tokens unlabelled, two padding tokens
+    assert make_microbatch(batch).num_targets == 4 + 2  # two documents, first tokens unlabelled, two padding
 
 
 def test_deepspeed_config_derives_batch_precision_and_clipping():

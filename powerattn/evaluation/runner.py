@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -77,23 +77,52 @@ def resolve_pattern(spec, saved: Mapping | None) -> tuple[Pattern | None, Any]:
     return make_pattern(name, **params), schedule
 
 
+@dataclass
+class EvalConfig:
+    """The schema of configs/eval.yaml (defaults and comments there)."""
+
+    checkpoint: str | None = None
+    task: Any = None                    # a task name, or a mapping {name: ..., <task parameters>}
+    tokenizer: str | None = None
+    pattern: Any = None
+    attention_schedule: Any = None
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 1
+    seed: int = 0
+    progress: bool = True
+    output_dir: str = "."
+
+
+def eval_config(cfg) -> EvalConfig:
+    """The composed eval config (or a mapping) merged into EvalConfig: unknown keys and wrong types fail."""
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = OmegaConf.create(cfg)
+    with open_dict(raw):
+        raw.pop("hydra", None)
+    missing = [k for k in ("checkpoint", "task") if k not in raw or OmegaConf.is_missing(raw, k) or raw[k] is None]
+    if missing:
+        raise ValueError(f"eval: set {' and '.join(missing)} (checkpoint=DIR task=passkey)")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"eval: {e.full_key}: {str(e).splitlines()[0]}") from None
+
+
 class Job:
     """A checked evaluation config: everything resolved that can be without reading the weights."""
 
     def __init__(self, cfg):
-        if hasattr(cfg, "_metadata"):  # a Hydra / OmegaConf config
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        self.cfg = c = {k: v for k, v in cfg.items() if k != "hydra"}
-        missing = [k for k in ("checkpoint", "task") if c.get(k) in (None, "???")]
-        if missing:
-            raise ValueError(f"eval: set {' and '.join(missing)} (checkpoint=DIR task=passkey)")
-        self.checkpoint = Path(c["checkpoint"]).expanduser().resolve()
+        e = eval_config(cfg)
+        self.cfg = asdict(e)
+        self.checkpoint = Path(e.checkpoint).expanduser().resolve()
         if not (self.checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint {str(self.checkpoint)!r} is not an HF model folder "
                                     "(no config.json)")
-        self.task = dict(c["task"]) if isinstance(c["task"], Mapping) else {"name": c["task"]}
+        self.task = dict(e.task) if isinstance(e.task, Mapping) else {"name": e.task}
         self.name = self.task.get("name")
         if self.name not in TASKS:
             raise ValueError(f"eval: unknown task {self.name!r}; choose one of {TASKS}")
@@ -103,35 +132,34 @@ class Job:
                              f"{sorted(TASK_KEYS[self.name])}")
         self.model_config = load_config(self.checkpoint)
         self.saved = self.model_config.hf_extra.get("powerattn") or {}
-        self.pattern, self.schedule = resolve_pattern(c.get("pattern"), self.saved.get("pattern"))
-        if c.get("attention_schedule") is not None:
-            self.schedule = c["attention_schedule"]
+        self.pattern, self.schedule = resolve_pattern(e.pattern, self.saved.get("pattern"))
+        if e.attention_schedule is not None:
+            self.schedule = e.attention_schedule
         if self.schedule is None and self.pattern is not None:  # an override keeps the hybrid layers
             self.schedule = self.saved.get("full_attention_layers") or None
-        self.tokenizer = Tokenizer.from_pretrained(c.get("tokenizer") or self.checkpoint)
+        self.tokenizer = Tokenizer.from_pretrained(e.tokenizer or self.checkpoint)
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} pieces, "
                              f"more than the model's vocab_size {self.model_config.vocab_size}")
-        device = c.get("device") or "auto"
+        device = e.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        dtype = c.get("dtype") or "auto"
+        dtype = e.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         if dtype not in _DTYPES:
             raise ValueError(f"eval: unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
         self.dtype = _DTYPES[dtype]
-        self.backend = c.get("backend") or "auto"
+        self.backend = e.backend
         if self.backend not in BACKENDS:
             raise ValueError(f"eval: unknown backend {self.backend!r}; choose one of {BACKENDS}")
         resolve_attention_schedule(self.schedule, self.model_config.num_hidden_layers)  # raises on a bad one
-        self.batch_size = int(c.get("batch_size") or 1)
+        self.batch_size = e.batch_size
         if self.batch_size < 1:
             raise ValueError(f"eval: batch_size must be >= 1, got {self.batch_size}")
-        self.seed = int(c.get("seed") or 0)
-        self.progress = bool(c.get("progress", True))
-        self.output_dir = Path(c.get("output_dir") or ".").expanduser()
+        self.seed, self.progress = e.seed, e.progress
+        self.output_dir = Path(e.output_dir).expanduser()
         self._check_task()
 
     def _check_task(self) -> None:

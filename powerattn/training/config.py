@@ -1,20 +1,20 @@
 """The training job's configuration: a dataclass schema of `configs/train.yaml` and its groups.
 
-`load_config` turns the composed Hydra config into `TrainConfig` and checks every value before
-anything expensive happens: an unknown key, a wrong type or a bad value raises `ConfigError`
-naming the full key (`curriculum.stages[1].seq_len`), with a suggestion for near-miss typos.
+`load_config` merges the composed Hydra config into `TrainConfig` as an OmegaConf structured config and
+checks every value (`validate`) before anything expensive happens: an unknown key, a wrong type or a bad
+value raises `ConfigError` naming the full key (`curriculum.stages[1].seq_len`), with a suggestion for
+near-miss typos.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -153,85 +153,53 @@ class TrainConfig:
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
 
 
-# --- building dataclasses from plain containers, with key paths in every error -------------------
-
-
-def build(cls, value, path: str = ""):
-    """Instance of dataclass `cls` from a mapping (checked recursively; errors name `path.key`)."""
-    if dataclasses.is_dataclass(value) and isinstance(value, cls):
-        value = dataclasses.asdict(value)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} fields, got {value!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, item in value.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{where}'{hint}; {path or 'the top level'} takes {known}")
-        kwargs[key] = _convert(hints[key], item, where)
-    return cls(**kwargs)
-
-
-def _convert(tp, value, where: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config schema: unsupported annotation {tp} at {where}")
-
-
-def to_container(cfg) -> dict:
-    """A plain dict from a Hydra/OmegaConf config (interpolations resolved) or a dict."""
-    if hasattr(cfg, "_metadata"):
-        from omegaconf import OmegaConf
-
-        try:
-            return OmegaConf.to_container(cfg, resolve=True)
-        except Exception as e:  # an interpolation pointing nowhere, e.g. ${oc.env:UNSET}
-            raise ConfigError(f"config: cannot resolve {e}") from None
-    return dict(cfg)
+# --- the composed config as a TrainConfig: OmegaConf merges it into the schema -------------------
 
 
 def load_config(cfg) -> TrainConfig:
-    """Validated TrainConfig from the composed Hydra config (or a dict); raises ConfigError."""
-    raw = to_container(cfg)
-    raw.pop("hydra", None)
-    out = build(TrainConfig, raw)
+    """Validated TrainConfig from the composed Hydra config (or a mapping); raises ConfigError.
+
+    OmegaConf merges it into the TrainConfig structured config, so it rejects unknown keys and wrong
+    types with the full key path; `validate` then checks ranges and cross-field rules.
+    """
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        raw = OmegaConf.create(cfg)
+        with open_dict(raw):
+            raw.pop("hydra", None)
+        # Elements of lists of dataclasses lose their index in OmegaConf's error path: merge them one by one.
+        for path, cls in (("curriculum.stages", StageConfig), ("data.sources", SourceConfig)):
+            for i, item in enumerate(OmegaConf.select(raw, path) or []):
+                _typed(cls, item, f"{path}[{i}]")
+        out = _typed(TrainConfig, raw, "")
+    except OmegaConfBaseException as e:  # e.g. an interpolation pointing nowhere (${oc.env:UNSET})
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
     validate(out)
     return out
+
+
+def _typed(cls, value, where: str):
+    """OmegaConf.to_object of `value` merged into the structured config of `cls`; ConfigError names the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value))
+    except ConfigKeyError as e:
+        key = ".".join(k for k in (where, str(e.full_key)) if k)
+        known = [f.name for f in dataclasses.fields(e.object_type)] if dataclasses.is_dataclass(e.object_type) \
+            else []
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        section = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        raise ConfigError(f"unknown config key '{key}'{hint}; {section} takes {known}") from None
+    except OmegaConfBaseException as e:
+        key = ".".join(k for k in (where, str(e.full_key)) if k) or "config"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # a dataclass' own __post_init__ check
+        raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -395,8 +363,10 @@ def arch_config(arch: dict, **overrides):
     hints = typing.get_type_hints(LlamaConfig)
     for key, value in arch.items():  # types first: LlamaConfig would fail on them with a bare TypeError
         inner = [a for a in typing.get_args(hints[key]) if a is not type(None)]
-        if value is not None and (hints[key] in _SIMPLE or (len(inner) == 1 and inner[0] in _SIMPLE)):
-            _convert(hints[key], value, f"model.arch.{key}")
+        tp = hints[key] if hints[key] in _SIMPLE else inner[0] if len(inner) == 1 else None
+        if value is not None and tp in _SIMPLE:
+            ok = isinstance(value, (int, float) if tp is float else tp) and (tp is bool or not isinstance(value, bool))
+            _check(ok, f"model.arch.{key}", f"expected {tp.__name__}, got {value!r}")
         if value is not None and key in _ARCH_SIZES:
             _check(value >= 1, f"model.arch.{key}", f"must be >= 1, got {value}")
         if key in _ARCH_POSITIVE:
