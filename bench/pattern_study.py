@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from powerattn.atomic import atomic_write, save_figure
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -276,10 +278,7 @@ def plot(study: dict, path: Path) -> None:
         hx.set_ylabel("depth (%)", fontsize=7)
     fig.text(0.01, 0.005, "* = needle not reachable from the last block within the model's layers", fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def dumps(obj) -> str:
@@ -289,10 +288,8 @@ def dumps(obj) -> str:
 
 
 def write(study: dict, out: Path) -> None:
-    tmp = out / ".study.json.tmp"
-    tmp.write_text(dumps(study))
     plot(study, out / "study.png")
-    os.replace(tmp, out / "study.json")
+    atomic_write(out / "study.json", dumps(study))
 
 
 def table(study: dict) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from powerattn import make_pattern, pattern_names  # noqa: E402
+from powerattn.atomic import atomic_write, save_figure  # noqa: E402
 from powerattn.model import LlamaConfig, LlamaForCausalLM, flops_per_token  # noqa: E402
 
 # LlamaConfig fields of the shapes worth timing (random init: only the shapes matter).
@@ -183,10 +183,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     fig.suptitle(f"train step (fwd+bwd+AdamW): {meta['model']}, {meta['device']}, {meta['dtype']}, "
                  f"{meta['backend']}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def parse_args(argv):
@@ -262,9 +259,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"train_step_{args.model if args.model in MODELS else Path(args.model).name}"
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, out / f"{name}.json")
+    atomic_write(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, meta, out / f"{name}.png")
     print(json.dumps({k: v for k, v in meta.items() if k != "config"}))
     print(table(rows))

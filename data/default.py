@@ -16,9 +16,9 @@ from pathlib import Path
 
 from data.config import DataConfig, SourceConfig, SyntheticConfig
 from data.filler import Filler
-from data.store import atomic_write_bytes
 from data.synthetic import TASKS, make_task
 from data.tokenizer import Tokenizer, train_tokenizer
+from powerattn.atomic import atomic_write
 
 GENERATOR_VERSION = 1
 _TOKENIZER_DOCS = 1000  # documents the default tokenizer is fitted on (plenty for its small vocabulary)
@@ -49,7 +49,7 @@ def default_corpus(cache_dir: str | Path, cfg: SyntheticConfig | None = None) ->
     path = Path(cache_dir) / "synthetic" / f"corpus-{_key(cfg)}.jsonl"
     if not path.is_file():
         lines = [json.dumps({"text": text, "task": task}) for task, text in synthetic_documents(cfg)]
-        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 

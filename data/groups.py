@@ -18,7 +18,8 @@ import numpy as np
 
 from data.config import SourceConfig
 from data.loader import Source
-from data.store import StoreWriter, TokenStore, atomic_write_json, make_tempdir
+from data.store import StoreWriter, TokenStore
+from powerattn.atomic import atomic_write_json, make_tempdir
 
 GROUPS = "groups.json"
 

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +29,9 @@ import numpy as np
 
 from data.config import SourceConfig
 from data.sources import build_groups, build_store, check_source, resolve, source_name
-from data.store import FORMAT_VERSION, TokenStore, atomic_write_json, make_tempdir
+from data.store import FORMAT_VERSION, TokenStore
 from data.tokenizer import Tokenizer
+from powerattn.atomic import atomic_write_json, make_tempdir, replace_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,13 +127,7 @@ def prepare(args: argparse.Namespace) -> Path:
                         for row, entry, st in zip(rows, entries, stores)],
             "total_tokens": int(np.sum([r["tokens"] for r in rows])),
         })
-        if out.exists():  # --overwrite: move the old folder aside only once the new one is complete
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)  # --overwrite: the old folder goes only once the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""On-disk tokenised corpus ("token store") and atomic file helpers.
+"""On-disk tokenised corpus ("token store").
 
 A store is a folder: `tokens.bin` (all documents' ids back to back, uint16 or uint32),
 `doc_offsets.npy` (int64 [num_docs + 1]; document i is tokens[off[i]:off[i+1]]) and `meta.json`.
@@ -12,49 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from powerattn.atomic import atomic_write_json, make_tempdir
+
 FORMAT_VERSION = 1
 META = "meta.json"
-
-
-def _umask_mode(mode: int) -> int:
-    # mkstemp/mkdtemp create private (0600/0700) entries; published files follow the umask instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def make_tempdir(parent: Path, name: str) -> Path:
-    """A fresh hidden folder next to `parent/name`, for building something to rename into place."""
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
-    os.chmod(tmp, _umask_mode(0o777))
-    return tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        os.fchmod(fd, _umask_mode(0o666))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

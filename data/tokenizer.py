@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data.store import atomic_write_bytes
+from powerattn.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def train_tokenizer(
                 raise
             log.warning("train_tokenizer: vocab_size=%d too large; using %s", vocab_size, m.group(2))
             vocab_size = int(m.group(2))
-    atomic_write_bytes(Path(out_path), buf.data)
+    atomic_write(Path(out_path), buf.data)
     return Tokenizer(out_path)
 
 

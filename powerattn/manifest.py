@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from powerattn.atomic import atomic_write
+
 MANIFEST = "manifest.json"
 FORMAT = "powerattn.manifest/1"
 ALGORITHM = "sha256"
@@ -91,13 +93,8 @@ def split_work(sizes: dict[str, int], parts: int) -> list[list[str]]:
 def write_manifest(folder: str | os.PathLike, files: dict[str, dict]) -> Path:
     """Write `folder/manifest.json` ({path: {size, sha256}}) atomically (temporary file, fsync, rename)."""
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    text = json.dumps({"format": FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}, indent=1)
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"format": FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))},
+                                  indent=1) + "\n")
     return path
 
 

@@ -8,12 +8,12 @@ coverage per layer for one or all patterns and can plot them (the paper's Figure
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from powerattn.atomic import save_figure
 from powerattn.patterns import Pattern, make_pattern, pattern_names
 
 
@@ -87,10 +87,7 @@ def plot(fields: dict[str, ReceptiveField], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

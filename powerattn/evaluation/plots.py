@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from powerattn.atomic import save_figure
 
 
 def _plt():
@@ -16,11 +17,7 @@ def _plt():
 
 
 def save(fig, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    _plt().close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _k(n: int) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import time
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import torch
 
 from data.synthetic import make_task, passkey
 from data.tokenizer import Tokenizer
+from powerattn.atomic import atomic_write
 from powerattn.evaluation import plots
 from powerattn.evaluation.coverage import run_receptive_field
 from powerattn.evaluation.passkey import cell_seed, check_lengths, passkey_grid, resolve_depths
@@ -266,9 +266,7 @@ def run(cfg) -> Path:
         "summary": summary, "results": results,
     }
     path = job.output_dir / "results.json"
-    tmp = path.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(_finite(out), indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_finite(out), indent=1))
     log.info("%s summary: %s", job.name, json.dumps(_finite(summary)))
     log.info("wrote %s and %s", path, png)
     return path

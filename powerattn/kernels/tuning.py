@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from powerattn.atomic import atomic_write
 from powerattn.patterns import Pattern
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first fitting entry is the untuned default.
@@ -57,10 +58,7 @@ def _load_disk() -> dict:
 def _save_disk(entries: dict) -> None:
     path = _cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(entries, indent=1, sort_keys=True))
     except OSError:
         pass  # a read-only home only costs a re-tune next process
 

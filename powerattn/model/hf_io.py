@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections import defaultdict
 
 import torch
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from powerattn.atomic import replace_dir
 from powerattn.manifest import LEVELS, ManifestError, publish_permissions, verify_if_sealed
 from powerattn.model.config import CheckpointError, LlamaConfig, load_config
 from powerattn.model.llama import LlamaForCausalLM
@@ -326,7 +326,7 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_sha
                 if os.path.isfile(src):
                     shutil.copy2(src, os.path.join(tmp, name))
             publish_permissions(tmp)  # mkdtemp makes 0700 and safetensors 0600: follow the umask instead
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -335,12 +335,3 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_sha
         torch.distributed.barrier()
 
 
-def _replace_dir(src: str, dst: str) -> None:
-    """Move a finished folder into place; an existing dst is swapped out first, then deleted."""
-    if os.path.lexists(dst):
-        old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)

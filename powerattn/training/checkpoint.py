@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from powerattn import manifest
+from powerattn.atomic import atomic_write, replace_dir
 from powerattn.manifest import MANIFEST, ManifestError
 from powerattn.model import CheckpointError
 from powerattn.training.distributed import Dist
@@ -86,20 +87,6 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(torch.from_numpy(_unb64(state["torch"], np.uint8).copy()))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.from_numpy(_unb64(state["cuda"], np.uint8).copy()))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    finally:
-        os.close(fd)
 
 
 def _solo() -> Dist:
@@ -171,17 +158,10 @@ class Checkpointer:
         write(partial)
         self.dist.barrier()
         if self.rank == 0:
-            _write_atomic(partial / STATE_FILE, json.dumps(asdict(state), indent=1))
+            atomic_write(partial / STATE_FILE, json.dumps(asdict(state), indent=1))
         self._seal(partial)
         if self.rank == 0:
-            if final.exists():  # the same step saved again (e.g. a finished run re-saved): swap it out
-                old = self.root / f".{name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                os.rename(partial, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(partial, final)
+            replace_dir(partial, final)  # the same step saved again (a finished run re-saved): swapped out
             self.point_latest(final)
             self._rotate(final)
         self.dist.barrier()
@@ -190,7 +170,7 @@ class Checkpointer:
     def point_latest(self, path: Path) -> None:
         """Name `path` in `latest` (atomically; rank 0)."""
         if self.rank == 0:
-            _write_atomic(self.root / LATEST, path.name + "\n")
+            atomic_write(self.root / LATEST, path.name + "\n")
 
     def _seal(self, folder: Path) -> None:
         """Permissions per umask, then manifest.json: rank 0 lists the files, every rank hashes a share."""

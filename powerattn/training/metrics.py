@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from powerattn.atomic import atomic_write
 from powerattn.model import LlamaConfig, flops_per_token
 from powerattn.patterns import Pattern
 
@@ -68,9 +69,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _wandb_mode(mode: str) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from powerattn.atomic import atomic_write
 from powerattn.manifest import MANIFEST, ManifestError, describe
 from powerattn.training.checkpoint import LATEST, STATE_FILE, Checkpointer, TrainerState
 from powerattn.training.config import ConfigError, TrainConfig, load_config
@@ -28,10 +29,7 @@ def prepare_run_dir(cfg: TrainConfig, composed, dist: Dist) -> Path:
         from omegaconf import OmegaConf
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(OmegaConf.to_yaml(composed, resolve=True) if hasattr(composed, "_metadata")
-                       else OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
-        os.replace(tmp, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(composed), resolve=True))
     dist.barrier()
     return run_dir
 
