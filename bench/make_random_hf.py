@@ -33,6 +33,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.filler import Filler  # noqa: E402
+from powerattn.atomic import replace_dir  # noqa: E402
+from powerattn.dtypes import to_dtype  # noqa: E402
 from powerattn.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from powerattn.model.llama import LMHead, RMSNorm  # noqa: E402
 
@@ -43,7 +45,6 @@ ROPE = {
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 DEFAULT_VOCAB = 1024  # for shapes whose arch takes the vocabulary from the tokenizer (tiny)
 
@@ -166,13 +167,11 @@ def make_random_hf(out: str | os.PathLike, shape: str, rope: str = "none", overr
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2))
         write_tokenizer(tmp, config.vocab_size, config.max_position_embeddings)
-        params, size = write_weights(tmp, config, DTYPES[dtype], dev, seed, max_shard_size)
+        params, size = write_weights(tmp, config, to_dtype(dtype), dev, seed, max_shard_size)
         tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rope", choices=sorted(ROPE), default="none", help="context preset (default: the arch's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="LlamaConfig field override, value as JSON (e.g. num_hidden_layers=2); repeatable")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None, help="where weights are drawn (default: cuda if present, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default="5GB")

@@ -158,9 +158,9 @@ def prediction(pattern, layers: int, spans: dict, lengths, depths, samples: int)
 def pattern_of(cfg):
     from omegaconf import OmegaConf
 
-    from powerattn.training.config import make_pattern_from
+    from powerattn.patterns import pattern_from_dict
 
-    return make_pattern_from(OmegaConf.to_container(cfg.pattern, resolve=True))
+    return pattern_from_dict(OmegaConf.to_container(cfg.pattern, resolve=True))
 
 
 def study_pattern(name: str, args, base: list[str], ev: dict, gpu: str | None) -> dict:
@@ -219,14 +219,13 @@ def environment() -> dict:
 def add_theory(study: dict, tokenizer) -> None:
     """Density and the receptive-field prediction for every pattern in the study (same prompts as eval)."""
     from powerattn.evaluation.passkey import resolve_depths
-    from powerattn.patterns import make_pattern
+    from powerattn.patterns import pattern_from_dict
 
     ev = study["eval"]
     depths = resolve_depths(ev["depths"])
     spans = needle_blocks(tokenizer, ev["lengths"], depths, ev["samples"], seed=0)
     for entry in study["patterns"].values():
-        params = {k: v for k, v in entry["pattern"].items() if k != "name"}
-        pattern = make_pattern(entry["pattern"]["name"], **params)
+        pattern = pattern_from_dict(entry["pattern"])
         entry["density"] = {str(n): pattern.density(n) for n in ev["lengths"]}
         entry["prediction"] = prediction(pattern, study["model"]["layers"], spans, ev["lengths"], depths,
                                          ev["samples"])

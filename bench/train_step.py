@@ -30,8 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from powerattn import make_pattern, pattern_names  # noqa: E402
-from powerattn.atomic import atomic_write, save_figure  # noqa: E402
+from powerattn.atomic import atomic_write, save_figure
+from powerattn.dtypes import DTYPES  # noqa: E402
 from powerattn.model import LlamaConfig, LlamaForCausalLM, flops_per_token  # noqa: E402
+from powerattn.training.metrics import peak_tflops  # noqa: E402
 
 # LlamaConfig fields of the shapes worth timing (random init: only the shapes matter).
 MODELS = {
@@ -50,18 +52,7 @@ MODELS = {
     "smoke": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
 }
-# Dense (no 2:4 sparsity) bf16 tensor-core peak TFLOP/s by a substring of the device name; first match wins.
-PEAK_BF16_TFLOPS = [
-    ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h200 nvl", 835.0), ("gh200", 989.4), ("h100", 989.4),
-    ("h200", 989.4), ("h800", 989.4), ("b200", 2250.0), ("a100", 312.0), ("a800", 312.0), ("l40s", 362.0),
-    ("l4", 121.0),
-]
 PATTERNS = ["power", "sliding_window", "stride_slash", "dilated", "longnet", "full"]
-
-
-def peak_tflops(device_name: str) -> float | None:
-    name = device_name.lower()
-    return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def model_config(spec: str, seq_len: int, checkpointing: bool) -> LlamaConfig:
@@ -224,7 +215,7 @@ def main(argv=None) -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/train_step.py needs a CUDA GPU (use --smoke for the CPU check)")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     patterns = [make_pattern(n, block_size=args.block_size) for n in args.patterns]
     cfg = model_config(args.model, max(args.seq_lens), not args.no_activation_checkpointing)
     torch.manual_seed(0)

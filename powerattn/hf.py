@@ -20,7 +20,7 @@ from torch import Tensor
 
 from powerattn.model.config import resolve_attention_schedule
 from powerattn.ops import decode_attention, sparse_attention
-from powerattn.patterns import Pattern, make_pattern
+from powerattn.patterns import Pattern, make_pattern, pattern_from_dict
 
 NAME = "powerattn"
 
@@ -54,10 +54,9 @@ def configure(model, pattern: Pattern, attention_schedule: str | list[int] | Non
 @functools.lru_cache(maxsize=16)
 def _layer_patterns(entry_json: str, num_layers: int) -> tuple[Pattern, ...]:
     entry = json.loads(entry_json)
-    params = dict(entry.get("pattern") or {})
-    if "name" not in params:
+    if "name" not in (entry.get("pattern") or {}):
         raise PowerAttnError(f"config.json 'powerattn' entry names no pattern: {entry_json}")
-    pattern = make_pattern(params.pop("name"), **params)
+    pattern = pattern_from_dict(entry["pattern"])
     full = set(resolve_attention_schedule(entry.get("full_attention_layers") or None, num_layers))
     dense = make_pattern("full", block_size=pattern.block_size)
     return tuple(dense if i in full else pattern for i in range(num_layers))

@@ -45,6 +45,14 @@ def make_pattern(name: str, **params) -> Pattern:
     return cls(**params)
 
 
+def pattern_from_dict(spec) -> Pattern:
+    """The pattern a config mapping describes: {name, <parameters>} (a `schedule` key is not the pattern's)."""
+    params = {k: v for k, v in dict(spec).items() if k not in ("name", "schedule")}
+    if "name" not in spec:
+        raise ValueError("missing 'name' (e.g. power, sliding_window, full)")
+    return make_pattern(spec["name"], **params)
+
+
 @functools.cache
 def pattern_from_key(key: str) -> Pattern:
     """Inverse of `Pattern.key` (how custom ops, which take no Python objects, receive a pattern)."""

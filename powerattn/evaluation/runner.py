@@ -23,6 +23,7 @@ import torch
 from data.synthetic import make_task, passkey
 from data.tokenizer import Tokenizer
 from powerattn.atomic import atomic_write
+from powerattn.dtypes import DTYPES
 from powerattn.evaluation import plots
 from powerattn.evaluation.coverage import run_receptive_field
 from powerattn.evaluation.passkey import cell_seed, check_lengths, passkey_grid, resolve_depths
@@ -30,7 +31,7 @@ from powerattn.evaluation.perplexity import MODES, heldout_stores, run_perplexit
 from powerattn.evaluation.ruler import check_tasks, run_ruler
 from powerattn.model import from_pretrained, load_config, resolve_attention_schedule
 from powerattn.ops import BACKENDS
-from powerattn.patterns import Pattern, make_pattern
+from powerattn.patterns import Pattern, pattern_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ TASK_KEYS = {
     "ppl": {"name", "lengths", "data", "text_field", "cache_dir", "tokens_per_length", "buckets", "mode"},
     "receptive_field": {"name", "length", "depths", "samples", "digits"},
 }
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 def auto_lengths(max_len: int, count: int, minimum: int = 256) -> list[int]:
@@ -63,18 +62,14 @@ def resolve_pattern(spec, saved: Mapping | None) -> tuple[Pattern | None, Any]:
     if spec is None:
         return None, None
     if isinstance(spec, str):
-        name, params = spec, {}
-    elif isinstance(spec, Mapping):
-        params = dict(spec)
-        name = params.pop("name", None)
-        if not isinstance(name, str):
-            raise ValueError(f"pattern override {dict(spec)} needs a `name` (e.g. full, power)")
-    else:
+        spec = {"name": spec}
+    elif not isinstance(spec, Mapping):
         raise ValueError(f"pattern must be null, a name or a mapping with `name`, got {spec!r}")
-    schedule = params.pop("schedule", None)
-    if "block_size" not in params and saved and "block_size" in saved:
-        params["block_size"] = saved["block_size"]
-    return make_pattern(name, **params), schedule
+    elif not isinstance(spec.get("name"), str):
+        raise ValueError(f"pattern override {dict(spec)} needs a `name` (e.g. full, power)")
+    if "block_size" not in spec and saved and "block_size" in saved:
+        spec = {**spec, "block_size": saved["block_size"]}
+    return pattern_from_dict(spec), spec.get("schedule")
 
 
 @dataclass
@@ -148,9 +143,9 @@ class Job:
         dtype = e.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        if dtype not in _DTYPES:
-            raise ValueError(f"eval: unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
-        self.dtype = _DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"eval: unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[dtype]
         self.backend = e.backend
         if self.backend not in BACKENDS:
             raise ValueError(f"eval: unknown backend {self.backend!r}; choose one of {BACKENDS}")

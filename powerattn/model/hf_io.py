@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from powerattn.atomic import replace_dir
+from powerattn.dtypes import to_dtype
 from powerattn.manifest import LEVELS, ManifestError, publish_permissions, verify_if_sealed
 from powerattn.model.config import CheckpointError, LlamaConfig, load_config
 from powerattn.model.llama import LlamaForCausalLM
@@ -35,7 +36,7 @@ from powerattn.model.zero3 import (
     write_partition,
     zero3_enabled,
 )
-from powerattn.patterns import Pattern, make_pattern
+from powerattn.patterns import Pattern, pattern_from_dict
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -45,23 +46,13 @@ TOKENIZER_FILES = (
 )
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _NOT_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")  # buffers that old transformers versions saved
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config: LlamaConfig) -> torch.dtype:
     """dtype argument, else config.json's torch_dtype / dtype, else float32."""
     if dtype is None:
         dtype = config.hf_extra.get("torch_dtype") or config.hf_extra.get("dtype") or "float32"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return to_dtype(dtype)
 
 
 def weight_files(path: str) -> dict[str, str]:
@@ -138,8 +129,7 @@ def _saved_attention(config: LlamaConfig, pattern: Pattern | None, schedule):
     """Without an explicit pattern, reuse the one a powerattn-saved config.json records."""
     saved = config.hf_extra.get("powerattn") or {}
     if pattern is None and saved.get("pattern"):
-        params = dict(saved["pattern"])
-        pattern = make_pattern(params.pop("name"), **params)
+        pattern = pattern_from_dict(saved["pattern"])
         if schedule is None:
             schedule = saved.get("full_attention_layers") or None
     return pattern, schedule

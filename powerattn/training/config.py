@@ -326,23 +326,14 @@ def validate_data(d: DataConfig) -> None:
 def validate_pattern(pattern: dict, num_layers: int | None) -> None:
     """`pattern` = {name, schedule, **params of make_pattern}; raises ConfigError naming the bad key."""
     from powerattn.model import resolve_attention_schedule
+    from powerattn.patterns import pattern_from_dict
 
     try:
-        make_pattern_from(pattern)
+        pattern_from_dict(pattern)
         if num_layers is not None:
             resolve_attention_schedule(pattern.get("schedule"), num_layers)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"pattern: {e}") from None
-
-
-def make_pattern_from(pattern: dict):
-    """The powerattn Pattern a `pattern` config section describes (its `schedule` key excluded)."""
-    from powerattn.patterns import make_pattern
-
-    params = {k: v for k, v in pattern.items() if k not in ("name", "schedule")}
-    if "name" not in pattern:
-        raise ValueError("missing 'name' (e.g. power, sliding_window, full)")
-    return make_pattern(pattern["name"], **params)
 
 
 # LlamaConfig fields that are sizes (>= 1 when set) or positive reals.

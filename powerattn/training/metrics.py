@@ -19,12 +19,19 @@ from powerattn.atomic import atomic_write
 from powerattn.model import LlamaConfig, flops_per_token
 from powerattn.patterns import Pattern
 
-# Dense bf16 peak TFLOP/s per GPU, matched in order against torch.cuda.get_device_name().
+# Dense (no 2:4 sparsity) bf16 tensor-core peak TFLOP/s per GPU, by a lower-case substring of the device
+# name; the first match wins, so specific names come before their prefixes.
 PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("A10", 125.0), ("4090", 165.2), ("V100", 125.0),
+    ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h200 nvl", 835.0), ("gh200", 989.4), ("h100", 989.4),
+    ("h200", 989.4), ("h800", 989.4), ("b200", 2250.0), ("a100", 312.0), ("a800", 312.0), ("l40s", 362.0),
+    ("l40", 181.0), ("l4", 121.0), ("a10", 125.0), ("4090", 165.2), ("v100", 125.0),
 )
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Peak dense bf16 TFLOP/s of a GPU by its name (torch.cuda.get_device_name); None if unknown."""
+    name = device_name.lower()
+    return next((tf for key, tf in PEAK_TFLOPS if key in name), None)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -33,8 +40,8 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
+    tf = peak_tflops(torch.cuda.get_device_name(device))
+    return None if tf is None else tf * 1e12
 
 
 class FlopCounter:

@@ -11,13 +11,14 @@ import os
 
 import torch
 
+from powerattn.dtypes import DTYPES
 from powerattn.model import LlamaConfig, LlamaForCausalLM, from_pretrained, load_config
 from powerattn.model.zero3 import init_context, zero3_enabled
+from powerattn.patterns import pattern_from_dict
 from powerattn.training.config import (
     ConfigError,
     TrainConfig,
     arch_config,
-    make_pattern_from,
     validate_pattern,
 )
 from powerattn.training.curriculum import Curriculum, Stage
@@ -33,7 +34,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.
     if precision == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         precision = "bf16" if cuda_bf16 else "fp32"
-    return precision, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return precision, DTYPES[precision]
 
 
 def _overrides(cfg: TrainConfig) -> dict:
@@ -82,7 +83,7 @@ def build_model(cfg: TrainConfig, config: LlamaConfig, bos_id: int | None, eos_i
     weights: an HF folder to load instead (a checkpoint's model/, for a weights-only resume).
     """
     m = cfg.model
-    pattern, schedule = make_pattern_from(cfg.pattern), cfg.pattern.get("schedule")
+    pattern, schedule = pattern_from_dict(cfg.pattern), cfg.pattern.get("schedule")
     zero3 = zero3_enabled(ds_config)
     path = weights if weights is not None else m.path
     if path is not None:
