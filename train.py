@@ -52,7 +52,6 @@ def train(composed: DictConfig, received: list[int]) -> None:
         apply_stage_context,
         build_engine,
         build_model,
-        capture_rng,
         check_model,
         deepspeed_config,
         final_report,
@@ -64,7 +63,6 @@ def train(composed: DictConfig, received: list[int]) -> None:
         preflight,
         prepare_run_dir,
         resolve_precision,
-        restore_rng,
         resume_point,
         set_stage_batch,
         train_step,
@@ -101,7 +99,6 @@ def train(composed: DictConfig, received: list[int]) -> None:
         if not resume.weights_only:
             load_checkpoint(engine, resume.path, cfg.checkpoint.weights_only)
         loader.load_state_dict(state.loader)
-        restore_rng(state.rng)
     follow_config(engine.lr_scheduler, cfg.optim, curriculum.total_steps, state.step)  # the new lr, if changed
 
     log = MetricsLogger(cfg, run_dir, dist.is_main, curriculum.total_steps, state.step,
@@ -116,7 +113,7 @@ def train(composed: DictConfig, received: list[int]) -> None:
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row, state.nonfinite_in_row)
 
     def save():
-        state.loader, state.rng, state.nonfinite_in_row = loader.state_dict(), capture_rng(), guard.in_row
+        state.loader, state.nonfinite_in_row = loader.state_dict(), guard.in_row
         write = lambda folder: write_checkpoint(folder, engine, lm, tokenizer, cfg.checkpoint.save_dtype,
                                                 cfg.checkpoint.max_shard_size)
         return ckpt.save(state.step, write, state)

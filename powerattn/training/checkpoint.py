@@ -12,7 +12,6 @@ must share a file system (every rank writes its own DeepSpeed shards).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import pickle
@@ -43,7 +42,8 @@ def step_dir_name(step: int) -> str:
 
 @dataclass
 class TrainerState:
-    """Everything besides weights and optimizer that an exact resume needs (JSON)."""
+    """Everything besides weights, optimizer and RNG states (engine/, see write_checkpoint) that an exact
+    resume needs (JSON)."""
 
     step: int = 0                       # optimizer steps done
     stage: int = 0
@@ -51,28 +51,20 @@ class TrainerState:
     skipped_steps: int = 0              # steps without an optimizer update (non-finite loss)
     nonfinite_in_row: int = 0
     loader: dict = field(default_factory=dict)
-    rng: dict = field(default_factory=dict)
     wandb_id: str | None = None
     config: dict = field(default_factory=dict)  # the training-relevant config sections (resume check)
 
 
-def _b64(a: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
-
-
-def _unb64(s: str, dtype) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype=dtype)
-
-
 def capture_rng() -> dict:
-    """Python, numpy and torch (CPU + current CUDA device) RNG states, JSON-encodable."""
+    """Python, numpy and torch (CPU + current CUDA device) RNG states, as tensors and plain values: what
+    DeepSpeed's client_state holds and torch.load(weights_only=True) reads back."""
     version, internal, gauss = random.getstate()
     name, key, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": [version, _b64(np.array(internal, dtype=np.uint32)), gauss],
-           "numpy": [name, _b64(key), int(pos), int(has_gauss), float(cached)],
-           "torch": _b64(torch.get_rng_state().numpy())}
+    out = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+           "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        out["cuda"] = _b64(torch.cuda.get_rng_state().numpy())
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
@@ -81,12 +73,12 @@ def restore_rng(state: dict) -> None:
     if not state:
         return
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(int(x) for x in _unb64(internal, np.uint32)), gauss))
+    random.setstate((version, tuple(internal.tolist()), gauss))
     name, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, _unb64(key, np.uint32).copy(), pos, has_gauss, cached))
-    torch.set_rng_state(torch.from_numpy(_unb64(state["torch"], np.uint8).copy()))
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.from_numpy(_unb64(state["cuda"], np.uint8).copy()))
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _solo() -> Dist:
@@ -230,7 +222,8 @@ class Checkpointer:
 
 def write_checkpoint(folder: Path, engine, lm, tokenizer, save_dtype: str | None,
                      max_shard_size: str) -> None:
-    """model/ (HF safetensors + tokenizer) and engine/ (DeepSpeed: weights, optimizer, LR schedule).
+    """model/ (HF safetensors + tokenizer) and engine/ (DeepSpeed: weights, optimizer, LR schedule, and the
+    RNG states in its client_state).
 
     Every rank calls this: under ZeRO-3 the HF save gathers one parameter at a time and every rank
     writes its own optimizer partition.
@@ -239,7 +232,7 @@ def write_checkpoint(folder: Path, engine, lm, tokenizer, save_dtype: str | None
     lm.save_pretrained(str(folder / "model"), max_shard_size=max_shard_size, dtype=dtype)
     if torch.distributed.get_rank() == 0:  # a model built from scratch has no source folder to copy it from
         tokenizer.save(folder / "model")
-    engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
+    engine.save_checkpoint(str(folder), tag="engine", client_state={"rng": capture_rng()}, save_latest=False)
 
 
 def _deepspeed_globals() -> list:
@@ -253,7 +246,7 @@ def _deepspeed_globals() -> list:
 
 
 def load_checkpoint(engine, folder: Path, weights_only: bool = True) -> None:
-    """Restore weights, optimizer and LR scheduler from `folder/engine`.
+    """Restore weights, optimizer, LR scheduler and RNG states from `folder/engine`.
 
     DeepSpeed's files are torch pickles; with weights_only (the default) every one is read by
     torch.load(weights_only=True), which rebuilds tensors, containers and _deepspeed_globals() only and
@@ -276,9 +269,10 @@ def load_checkpoint(engine, folder: Path, weights_only: bool = True) -> None:
 
         backend.load = safe_load  # DeepSpeed reads every engine file through its checkpoint engine
     try:
-        path, _ = engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, client = engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     finally:
         backend.__dict__.pop("load", None)
     if path is None:
         raise CheckpointError(f"no DeepSpeed state under {folder / 'engine'}")
+    restore_rng((client or {}).get("rng", {}))
