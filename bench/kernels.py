@@ -141,7 +141,7 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
         def run(c, kind=kind, launch=launch):
             t = device_tables(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device)
             extra = (dkdv_schedule(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device),) if kind == "dkdv" else ()
-            return launch(q, k, v, do, lse, delta, t, *extra, None, s, scale, c)
+            return launch(q, k, v, do, lse, delta, t, *extra, None, *(() if kind == "dkdv" else (s,)), scale, c)
         cfg = pick_config(kind, q, k, pat, s, run)
         times[kind] = median_ms(lambda run=run, cfg=cfg: run(cfg), False)
         times[f"{kind}_config"] = cfg
@@ -154,7 +154,7 @@ def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
     variants["dkdv_heavy_first_uncut"] = uncut(default)
     for name, sched in variants.items():
         times[name] = median_ms(
-            lambda sched=sched: launch_dkdv(q, k, v, do, lse, delta, tables, sched, None, s, scale, cfg), False)
+            lambda sched=sched: launch_dkdv(q, k, v, do, lse, delta, tables, sched, None, scale, cfg), False)
     return times
 
 

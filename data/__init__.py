@@ -24,7 +24,7 @@ from data.packing import (
     flatten_batch,
     iter_packed,
 )
-from data.sources import load_sources, token_counts, tokenize_source
+from data.sources import load_sources, tokenize_source
 from data.store import TokenStore, write_store
 from data.synthetic import (
     TASKS,
@@ -64,7 +64,6 @@ __all__ = [
     "make_task",
     "niah_multikey",
     "passkey",
-    "token_counts",
     "tokenize_source",
     "train_tokenizer",
     "variable_tracking",

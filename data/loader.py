@@ -151,11 +151,6 @@ class PackedLoader:
         self._next_index = first + self.dp_size * b
         return collate(rows, self.seq_len, self.pad_id, self.reset_position_ids)
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens in one global step (all data-parallel ranks)."""
-        return self.dp_size * self.batch_size * self.seq_len
-
     # --- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from data import groups
@@ -389,12 +388,3 @@ def load_sources(cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
     if dup:
         raise ValueError(f"data sources: duplicate names {dup}; set `name` on each source")
     return out
-
-
-def token_counts(sources: list[Source]) -> dict[str, dict[str, float]]:
-    """Per-source documents, tokens and mixture share, for reports and logs."""
-    w = np.array([s.weight for s in sources], dtype=np.float64)
-    return {
-        s.name: {"docs": s.store.num_docs, "tokens": s.store.num_tokens, "share": float(x)}
-        for s, x in zip(sources, w / w.sum())
-    }

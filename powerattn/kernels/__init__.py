@@ -97,7 +97,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, pattern):
     def run_dkdv(c):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
         schedule = dkdv_schedule(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
-        return launch_dkdv(q, k, v, do, lse, delta, tables, schedule, cu_seqlens, max_seqlen, scale, c)
+        return launch_dkdv(q, k, v, do, lse, delta, tables, schedule, cu_seqlens, scale, c)
 
     def run_dq(c):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from powerattn.kernels.forward import query_tile_program, rows_descriptor, sequence_bounds
+from powerattn.kernels.forward import LOG2_E, query_tile_program, rows_descriptor, sequence_bounds
 from powerattn.patterns import BlockTables
 
 
@@ -315,7 +315,7 @@ def heavy_first_schedule(tables: BlockTables, tile_m: int, tile_n: int, factor: 
 
 
 def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSchedule, cu_seqlens,
-                max_seqlen: int, scale: float, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles."""
     b, s, h, d = q.shape
     hkv = k.shape[2]
@@ -337,7 +337,7 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
     _dkdv_kernel[(n_items * n_seq * hkv,)](
         rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
         ws_dk, ws_dv, slots, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
-        s, hkv, n_seq, n_items, schedule.n_pieces, scale * 1.4426950408889634, scale,
+        s, hkv, n_seq, n_items, schedule.n_pieces, scale * LOG2_E, scale,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -368,11 +368,11 @@ def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seql
     _dq_kernel[grid](
         q, rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]), do, lse, delta, dq,
         tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
-        s, h, scale * 1.4426950408889634, scale,
+        s, h, scale * LOG2_E, scale,
         q.stride(0), q.stride(1), q.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=h // k.shape[2], HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
+        GROUP=group, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
     )
     return dq

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from powerattn.kernels.forward import LOG2_E
 from powerattn.patterns import Pattern
 
 
@@ -122,7 +123,7 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     l_part = torch.empty((b * c * h * splits,), device=q.device, dtype=torch.float32)
     _decode_kernel[(b * c, hkv, splits)](
         q, k_cache, v_cache, o_part, l_part, cache_seqlens, tables.kv_ptr, tables.kv_idx,
-        c, hkv, splits, scale * 1.4426950408889634,
+        c, hkv, splits, scale * LOG2_E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

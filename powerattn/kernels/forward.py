@@ -15,6 +15,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from powerattn.patterns import BlockTables
 
+LOG2_E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are scaled by it once
+
 
 @triton.jit
 def _tile_update(acc, m_i, l_i, q, k_desc, v_desc, row0, col, first, offs_m, seqlen, qk_scale,
@@ -137,7 +139,7 @@ def launch_forward(
     _fwd_kernel[grid](
         q, rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]), o, lse,
         tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
-        s, h, scale * 1.4426950408889634,
+        s, h, scale * LOG2_E,
         q.stride(0), q.stride(1), q.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),

@@ -32,10 +32,6 @@ class Dist:
         return self.world_size // self.sp_size
 
     @property
-    def dp_rank(self) -> int:
-        return self.rank // self.sp_size
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -51,13 +47,13 @@ class Dist:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def sum(self, value: float, group: Any = None) -> float:
-        """Sum of a host float over all ranks (or over `group`)."""
+    def sum(self, *values: float) -> tuple[float, ...]:
+        """Host floats, each summed over all ranks, in one all-reduce."""
         if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch_dist.all_reduce(t, group=group)
-        return float(t.item())
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t)
+        return tuple(t.tolist())
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (small picklable objects: file lists, verdicts)."""
@@ -74,13 +70,6 @@ class Dist:
         out = [None] * self.world_size
         torch_dist.all_gather_object(out, obj)
         return out
-
-    def max(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return float(t.item())
 
 
 def _free_port() -> int:

@@ -110,7 +110,7 @@ def train_step(engine, loader, stage: Stage, dist: Dist, flops_of) -> StepResult
     batches = [next(loader) for _ in range(stage.grad_accum)]
     mbs = [make_microbatch(b, dist.sp_rank, dist.sp_size) for b in batches]  # host memory: count targets first
     # Every rank of a Ulysses group holds the same rows (flops counts 1/sp of them) but scores only its slice.
-    step_targets, flops = _sum(dist, sum(mb.num_targets for mb in mbs), sum(map(flops_of, batches)) / dist.sp_size)
+    step_targets, flops = dist.sum(sum(mb.num_targets for mb in mbs), sum(map(flops_of, batches)) / dist.sp_size)
     scale = dist.dp_size / max(step_targets, 1.0)  # DeepSpeed averages gradients over dp_size replicas
     loss_sum = loss_count = 0.0
     nonfinite = backwards = 0
@@ -121,7 +121,7 @@ def train_step(engine, loader, stage: Stage, dist: Dist, flops_of) -> StepResult
         value = float(loss.detach().float().item())
         bad = not math.isfinite(value)
         # One all-reduce: the micro-batch's global loss and targets, and whether any rank saw a bad loss.
-        total, targets, bad_ranks = _sum(dist, 0.0 if bad else value, mb.num_targets, float(bad))
+        total, targets, bad_ranks = dist.sum(0.0 if bad else value, mb.num_targets, float(bad))
         if bad_ranks:
             nonfinite += 1
             if last and backwards:  # the boundary must still happen (ZeRO-1 reduces gradients there)
@@ -142,17 +142,6 @@ def train_step(engine, loader, stage: Stage, dist: Dist, flops_of) -> StepResult
     return StepResult(loss=mean, nonfinite=nonfinite, applied=backwards > 0, lr=lr,
                       grad_norm=None if norm is None else float(norm), flops=flops,
                       tokens=stage.tokens_per_step, seconds=time.perf_counter() - start)
-
-
-def _sum(dist: Dist, *values: float) -> tuple[float, ...]:
-    """Host floats summed over all ranks, in one all-reduce."""
-    if dist.world_size == 1:
-        return values
-    import torch.distributed as torch_dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    torch_dist.all_reduce(t)
-    return tuple(t.tolist())
 
 
 def _grad_norm(module: nn.Module) -> float:
