@@ -1,6 +1,9 @@
 """attn_implementation="powerattn" in transformers itself: the checkpoint's pattern and full-attention layers,
 logits equal to our model's, generation with transformers' DynamicCache, padding, and clear refusals."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,14 +130,15 @@ def test_configure_runs_a_base_model_sparse_and_errors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
 
-    # transformers' MistralConfig defaults to a 4096-token sliding window (and a sliding cache) where config.json
-    # names none; the pattern replaces it, and the error says how to load without it.
+    # Our Mistral checkpoints say sliding_window: null (transformers' MistralConfig would assume 4096 tokens);
+    # a config that does ask for a window is refused with the way out.
     mistral = tiny_checkpoint(tmp_path / "mistral", model_type="mistral")
-    with pytest.raises(hf.PowerAttnError, match="sliding_window=None"):
-        load(mistral)(ids)
+    assert json.loads((Path(mistral) / "config.json").read_text())["sliding_window"] is None
     with torch.no_grad():
-        got = load(mistral, sliding_window=None)(ids).logits
+        got = load(mistral)(ids).logits
     torch.testing.assert_close(got, from_pretrained(mistral)(ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(hf.PowerAttnError, match="sliding_window=None"):
+        load(mistral, sliding_window=4096)(ids)
 
 
 @pytest.mark.gpu

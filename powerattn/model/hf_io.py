@@ -262,6 +262,11 @@ def _config_json(model: LlamaForCausalLM, dtype_name: str) -> dict:
     out["torch_dtype"] = dtype_name
     if "dtype" in out:
         out["dtype"] = dtype_name
+    # The model ran its pattern, never a window: say so, or transformers' MistralConfig assumes 4096 tokens.
+    if model.config.model_type == "mistral":
+        out["sliding_window"] = None
+    if out.get("use_sliding_window"):
+        out["use_sliding_window"] = False
     pattern = {"name": model.pattern.name, **dataclasses.asdict(model.pattern)}
     out["powerattn"] = {"pattern": pattern, "full_attention_layers": list(model.full_attention_layers)}
     return out
