@@ -16,16 +16,12 @@ import torch.distributed as torch_dist
 from powerattn.training.config import ConfigError
 
 
-@dataclass
-class Dist:
+class _Ranks:
+    """What follows from rank, world_size and sp_size (shared by Layout and Dist)."""
+
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
-    sp_size: int = 1
-    sp_rank: int = 0
-    sp_group: Any = None       # the Ulysses process group (None without sequence parallelism)
-    mpu: Any = None            # DeepSpeed's parallel_state_sp module, handed to deepspeed.initialize
+    sp_size: int
 
     @property
     def dp_size(self) -> int:
@@ -34,6 +30,18 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass
+class Dist(_Ranks):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    sp_size: int = 1
+    sp_rank: int = 0
+    sp_group: Any = None       # the Ulysses process group (None without sequence parallelism)
+    mpu: Any = None            # DeepSpeed's parallel_state_sp module, handed to deepspeed.initialize
 
     def barrier(self) -> None:
         if torch_dist.is_initialized() and self.world_size > 1:
@@ -79,7 +87,7 @@ def _free_port() -> int:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(_Ranks):
     """The process layout a launcher announces (torchrun's WORLD_SIZE / RANK), known before any process
     group exists; Dist has the same fields once it does."""
 
@@ -87,13 +95,6 @@ class Layout:
     world_size: int
     sp_size: int = 1
 
-    @property
-    def dp_size(self) -> int:
-        return self.world_size // self.sp_size
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def process_layout(sp_size: int = 1) -> Layout:
