@@ -345,10 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     from data.config import as_data_config
 
     if args.merge:
-        for f in args.merge:
+        for i, f in enumerate(args.merge):
             part = json.loads(Path(f).read_text())
-            if part["overrides"] != study["overrides"] and not study["patterns"]:
+            if i == 0:  # the recipe, eval grid and device of the runs, not of the merging machine
                 study.update({k: part[k] for k in ("environment", "overrides", "eval", "model", "smoke")})
+            elif (part["overrides"], part["eval"]) != (study["overrides"], study["eval"]):
+                p.error(f"--merge: {f} ran another recipe or eval grid than {args.merge[0]}")
             study["patterns"].update(part["patterns"])
     else:
         for name in args.patterns:  # the prediction exists before anything is trained

@@ -45,6 +45,12 @@ def test_smoke_study_runs_every_pattern(tmp_path):
     part.write_text(json.dumps({**study, "patterns": {"power": study["patterns"]["power"]}}))
     merged = _study(tmp_path / "m", "--merge", str(part), str(tmp_path / "s" / "study.json"))
     assert sorted(merged["patterns"]) == sorted(PATTERNS)
+    assert merged["environment"] == study["environment"]  # the runs' device, not the merging machine's
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**study, "eval": {**study["eval"], "samples": 2}}))
+    done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path / "x"), "--merge",
+                           str(part), str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "another recipe or eval grid" in done.stderr
 
 
 def test_predict_needs_no_training(tmp_path):
