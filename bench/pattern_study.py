@@ -34,10 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from powerattn.atomic import atomic_write, save_figure
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from powerattn.atomic import atomic_write, save_figure  # noqa: E402  (runs from a plain checkout)
 
 SCHEMA = "powerattn.pattern_study/1"
 PATTERNS = ("power", "sliding_window", "stride_slash", "dilated", "longnet", "full")

@@ -57,6 +57,8 @@ class SyntheticConfig:
     min_sentences: int = 20            # ~12 tokens a sentence
     max_sentences: int = 400
     task_fraction: float = 0.5         # share of documents that carry a synthetic task
+    # Task documents take these in turn (data.synthetic.DOCUMENT_TASKS; repeat a name to weight it).
+    tasks: list[str] = field(default_factory=lambda: ["niah_multikey", "passkey", "variable_tracking"])
     vocab_size: int = 1024
     seed: int = 0
 

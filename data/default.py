@@ -2,7 +2,7 @@
 
 Both are produced by the project itself (no network, no copied text) and cached under
 `<cache_dir>/synthetic/`, keyed by the SyntheticConfig: filler documents of log-uniform length
-plus passkey / multi-key NIAH / variable-tracking documents, as jsonl with `text` and `task`.
+plus task documents (passkey / multi-key NIAH / variable tracking / recall), as jsonl with `text` and `task`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data.config import DataConfig, SourceConfig, SyntheticConfig
 from data.filler import Filler
-from data.synthetic import TASKS, make_task
+from data.synthetic import training_document
 from data.tokenizer import Tokenizer, train_tokenizer
 from powerattn.atomic import atomic_write
 
@@ -31,14 +31,13 @@ def _key(cfg: SyntheticConfig) -> str:
 
 def synthetic_documents(cfg: SyntheticConfig):
     """Yield (task, text) for each default document, deterministically from cfg.seed."""
-    tasks = sorted(TASKS)
     lo, hi = math.log(cfg.min_sentences), math.log(max(cfg.max_sentences, cfg.min_sentences))
     for i in range(cfg.num_docs):
         r = random.Random(f"default-{cfg.seed}-{i}")
         n = int(round(math.exp(r.uniform(lo, hi))))  # log-uniform: many short, some long documents
         if r.random() < cfg.task_fraction:
-            task = tasks[i % len(tasks)]
-            yield task, make_task(task, seed=r.randrange(2**31)).to_text(n).text
+            task = cfg.tasks[i % len(cfg.tasks)]
+            yield task, training_document(task, r.randrange(2**31), n)
         else:
             yield "filler", Filler(r.randrange(2**31)).text(n)
 

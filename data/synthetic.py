@@ -6,6 +6,8 @@ question ending in the answer prefix, and the answer. The same spec renders two 
 - `spec.to_tokens(tokenizer, length)` -> `TokenPrompt`: an eval prompt of exactly `length` tokens,
   built from separately encoded sentences so the length is exact and needles sit on sentence edges.
 Tasks: `passkey`, `niah_multikey` (multi-key needle in a haystack), `variable_tracking`.
+Training documents (`training_document`) are those tasks rendered as text, plus `recall`: many keyed
+pass keys per document, each asked once later, for a retrieval signal dense enough to learn from.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import random
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.filler import Filler
-from data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the config check imports this module and needs no sentencepiece
+    from data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -219,3 +223,41 @@ def make_task(name: str, seed: int, **kwargs: Any) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name](seed, **kwargs)
+
+
+def recall_text(seed: int, num_sentences: int, sentences_per_fact: int = 8, digits: int = 5) -> str:
+    """Multi-query associative recall (MQAR, Arora et al. 2023) in filler; a training document only.
+
+    One fact `The pass key of amber-otter is 12345. ...` per `sentences_per_fact` filler sentences at
+    random slots, each asked once at a random later slot and answered: `What is the pass key of
+    amber-otter? The pass key of amber-otter is 12345.` The single-question tasks give five answer
+    tokens per document, far too few for a small model to learn copying from (docs/study.md); here
+    ~1 in 25 tokens is an answer, at distances from a sentence to the whole document.
+    """
+    r = random.Random(f"recall-{seed}")
+    names = r.sample([f"{a}-{b}" for a in _KEY_WORDS for b in _KEY_NOUNS],
+                     max(1, min(num_sentences // sentences_per_fact, len(_KEY_WORDS) * len(_KEY_NOUNS))))
+    slots: dict[int, list[str]] = {}
+    for name in names:
+        key = _digits(r, digits)
+        fact, asked = sorted((r.randint(0, num_sentences), r.randint(0, num_sentences)))
+        slots.setdefault(fact, []).append(f"The pass key of {name} is {key}. Remember it. {key} is the pass "
+                                          f"key of {name}.")
+        slots.setdefault(asked, []).append(f"What is the pass key of {name}? The pass key of {name} is {key}.")
+    hay = Filler(r.randrange(2**31)).sentences(num_sentences)
+    parts = []
+    for k in range(num_sentences + 1):
+        parts.extend(slots.get(k, []))  # a fact and its question in one slot stay in that order
+        if k < num_sentences:
+            parts.append(hay[k])
+    return " ".join(parts)
+
+
+DOCUMENT_TASKS = (*sorted(TASKS), "recall")
+
+
+def training_document(task: str, seed: int, num_sentences: int) -> str:
+    """The text of one training document of `task` (one of DOCUMENT_TASKS) with `num_sentences` filler."""
+    if task == "recall":
+        return recall_text(seed, num_sentences)
+    return make_task(task, seed).to_text(num_sentences).text

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from data.filler import Filler
-from data.synthetic import TASKS, make_task, niah_multikey, passkey, variable_tracking
+from data.synthetic import TASKS, make_task, niah_multikey, passkey, recall_text, training_document, variable_tracking
 from data.tokenizer import train_tokenizer
 
 
@@ -111,3 +111,19 @@ def test_errors(tok):
         passkey(0, depth=1.5)
     with pytest.raises(ValueError, match="num_queries"):
         niah_multikey(0, num_keys=2, num_queries=3)
+
+
+def test_recall_asks_every_fact_once_after_it_with_its_key():
+    text = recall_text(7, 160)
+    facts = [(m.start(), m.group(1), m.group(2)) for m in
+             re.finditer(r"The pass key of ([a-z]+-[a-z]+) is (\d{5})\. Remember it\. \2 is the pass key of \1\.", text)]
+    asked = [(m.start(), m.group(1), m.group(2)) for m in
+             re.finditer(r"What is the pass key of ([a-z]+-[a-z]+)\? The pass key of \1 is (\d{5})\.", text)]
+    assert len(facts) == len(asked) == 160 // 8
+    where = {name: (pos, key) for pos, name, key in facts}
+    assert len(where) == len(facts)  # distinct names: a question has one answer
+    for pos, name, key in asked:
+        assert where[name][1] == key and where[name][0] < pos
+    assert recall_text(7, 160) == text != recall_text(8, 160)
+    assert training_document("recall", 7, 160) == text
+    assert _passkey_of(training_document("passkey", 3, 20)) == passkey(3).answer

@@ -76,6 +76,8 @@ def test_cfg_job_prints_the_composed_experiment():
     ("data.seq_len=333", "data.seq_len"),
     ("+curriculum.stages.0.tokens=100", "curriculum.stages[0]"),
     ("logger.mode=sometimes", "logger.mode"),
+    ("data.synthetic.tasks=[passkey,recal]", "data.synthetic.tasks"),
+    ("data.synthetic.tasks=[]", "data.synthetic.tasks"),
 ])
 def test_bad_values_fail_fast_naming_the_key(override, key):
     composed = _compose(override)

@@ -318,6 +318,11 @@ def validate_data(d: DataConfig) -> None:
         _check(1 <= s.min_sentences <= s.max_sentences, "data.synthetic",
                f"needs 1 <= min_sentences <= max_sentences, got {s.min_sentences} and {s.max_sentences}")
         _check(0 <= s.task_fraction <= 1, "data.synthetic.task_fraction", "must lie in [0, 1]")
+        from data.synthetic import DOCUMENT_TASKS
+
+        bad = [t for t in s.tasks if t not in DOCUMENT_TASKS]
+        _check(bool(s.tasks) and not bad, "data.synthetic.tasks",
+               f"must be a non-empty list of {list(DOCUMENT_TASKS)}, got {list(s.tasks)}")
         _check(s.vocab_size >= 260, "data.synthetic.vocab_size",
                f"must be >= 260 (256 byte pieces + special pieces + the corpus' characters), got {s.vocab_size}")
         _check(s.seed >= 0, "data.synthetic.seed", f"must be >= 0, got {s.seed}")
