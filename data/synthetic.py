@@ -6,8 +6,9 @@ question ending in the answer prefix, and the answer. The same spec renders two 
 - `spec.to_tokens(tokenizer, length)` -> `TokenPrompt`: an eval prompt of exactly `length` tokens,
   built from separately encoded sentences so the length is exact and needles sit on sentence edges.
 Tasks: `passkey`, `niah_multikey` (multi-key needle in a haystack), `variable_tracking`.
-Training documents (`training_document`) are those tasks rendered as text, plus `recall`: many keyed
-pass keys per document, each asked once later, for a retrieval signal dense enough to learn from.
+Training documents (`training_document`) are those tasks rendered as text, plus two for a copying
+signal dense enough to learn from: `recall` (many keyed pass keys, each asked once later) and `repeat`
+(filler whose sentences recur verbatim).
 """
 
 from __future__ import annotations
@@ -253,11 +254,31 @@ def recall_text(seed: int, num_sentences: int, sentences_per_fact: int = 8, digi
     return " ".join(parts)
 
 
-DOCUMENT_TASKS = (*sorted(TASKS), "recall")
+def repeat_text(seed: int, num_sentences: int, repeat_fraction: float = 0.5) -> str:
+    """Filler in which each sentence after the first is, with `repeat_fraction`, a verbatim copy of a
+    random earlier one: a training document only. About half its tokens can be predicted only by
+    finding the earlier copy and reading on from it, the induction-head mechanism every retrieval task
+    here rests on, at distances from one sentence to the whole document."""
+    r = random.Random(f"repeat-{seed}")
+    source = iter(Filler(r.randrange(2**31)).sentences(num_sentences))
+    fresh: list[str] = []
+    out = []
+    for _ in range(num_sentences):
+        if fresh and r.random() < repeat_fraction:
+            out.append(r.choice(fresh))  # among the originals: copies do not breed copies
+        else:
+            fresh.append(next(source))
+            out.append(fresh[-1])
+    return " ".join(out)
+
+
+DOCUMENT_TASKS = (*sorted(TASKS), "recall", "repeat")
 
 
 def training_document(task: str, seed: int, num_sentences: int) -> str:
     """The text of one training document of `task` (one of DOCUMENT_TASKS) with `num_sentences` filler."""
     if task == "recall":
         return recall_text(seed, num_sentences)
+    if task == "repeat":
+        return repeat_text(seed, num_sentences)
     return make_task(task, seed).to_text(num_sentences).text

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from data.filler import Filler
-from data.synthetic import TASKS, make_task, niah_multikey, passkey, recall_text, training_document, variable_tracking
+from data.synthetic import TASKS, make_task, niah_multikey, passkey, recall_text, repeat_text, training_document, variable_tracking
 from data.tokenizer import train_tokenizer
 
 
@@ -127,3 +127,11 @@ def test_recall_asks_every_fact_once_after_it_with_its_key():
     assert recall_text(7, 160) == text != recall_text(8, 160)
     assert training_document("recall", 7, 160) == text
     assert _passkey_of(training_document("passkey", 3, 20)) == passkey(3).answer
+
+
+def test_repeat_copies_half_of_its_sentences_from_earlier_ones():
+    sentences = re.findall(r"[A-Z][^.]*\.", repeat_text(5, 400))
+    assert len(sentences) == 400 and not re.search(r"\d", " ".join(sentences))
+    copies = sum(s in sentences[:i] for i, s in enumerate(sentences))
+    assert 0.4 < copies / 400 < 0.6  # fresh sentences from the grammar rarely collide
+    assert repeat_text(5, 400) == training_document("repeat", 5, 400) != repeat_text(6, 400)
