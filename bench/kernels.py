@@ -125,18 +125,17 @@ def bench_decode(pat, cache_len, heads, kv_heads, d, dtype, device) -> dict:
 
 def backward_breakdown(pat, s, heads, kv_heads, d, dtype) -> dict:
     """Milliseconds of each backward kernel (delta, dK/dV, dQ) with the tuned configs."""
-    from powerattn.kernels import _forward, device_tables
-    from powerattn.kernels.backward import heavy_first_schedule, launch_delta, launch_dkdv, launch_dq
+    from powerattn.kernels.backward import launch_delta, launch_dkdv, launch_dq
+    from powerattn.kernels.custom_ops import run_forward
+    from powerattn.kernels.tables import device_tables, dkdv_schedule, heavy_first_schedule
     from powerattn.kernels.tuning import pick_config
 
     make = lambda h: torch.randn(1, s, h, d, device="cuda", dtype=dtype)  # noqa: E731
     q, k, v, do = make(heads), make(kv_heads), make(kv_heads), make(heads)
     scale = d**-0.5
-    o, lse = _forward(q, k, v, None, s, scale, pat)
+    o, lse = run_forward(q, k, v, None, s, scale, pat)
     delta = launch_delta(o, do)
     times = {"delta": median_ms(lambda: launch_delta(o, do), False)}
-    from powerattn.kernels import dkdv_schedule
-
     for kind, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
         def run(c, kind=kind, launch=launch):
             t = device_tables(pat, s, c["BLOCK_M"], c["BLOCK_N"], q.device)
@@ -174,11 +173,11 @@ def uncut(schedule):
 
 def compile_report() -> list[str]:
     """Registers, spills and shared memory of every kernel variant compiled in this process."""
-    from powerattn.kernels.backward import _dkdv_kernel, _dq_kernel
-    from powerattn.kernels.forward import _fwd_kernel
+    from powerattn.kernels.backward import dkdv_kernel, dq_kernel
+    from powerattn.kernels.forward import fwd_kernel
 
     lines = []
-    for name, fn in (("fwd", _fwd_kernel), ("dkdv", _dkdv_kernel), ("dq", _dq_kernel)):
+    for name, fn in (("fwd", fwd_kernel), ("dkdv", dkdv_kernel), ("dq", dq_kernel)):
         for cache in getattr(fn, "device_caches", {}).values():
             for key, kern in cache[0].items():
                 md = kern.metadata

@@ -183,7 +183,7 @@ def test_gpu_decode_bf16(name):
 
 
 def test_heavy_first_schedule_cuts_the_sink_columns_and_covers_every_entry_once():
-    from powerattn.kernels.backward import heavy_first_schedule
+    from powerattn.kernels.tables import heavy_first_schedule
 
     t = powerattn.make_pattern("power", block_size=32, window=2).tables(4096, 16, 16)
     sched = heavy_first_schedule(t, 16, 16)
@@ -210,23 +210,18 @@ def test_heavy_first_schedule_cuts_the_sink_columns_and_covers_every_entry_once(
 @pytest.fixture
 def split_every_long_column(monkeypatch):
     """Cut every key column longer than the mean, so small tests run the piece + reduce path for real."""
-    import powerattn.kernels as kernels
-    from powerattn.kernels import backward
+    from powerattn.kernels import tables
 
     summed = []
-    heavy_first_schedule, slots = backward.heavy_first_schedule, backward.DkdvSchedule.slots
-
-    def schedule(tables, tile_m, tile_n, factor=4.0):
-        return heavy_first_schedule(tables, tile_m, tile_n, factor=1.0)
+    slots = tables.DkdvSchedule.slots
 
     def spy(self, seqlens, total_tokens):
         out = slots(self, seqlens, total_tokens)
         summed.append(bool(out[1].any()))
         return out
 
-    monkeypatch.setattr(backward, "heavy_first_schedule", schedule)
-    monkeypatch.setattr(backward.DkdvSchedule, "slots", spy)
-    monkeypatch.setattr(kernels, "_SCHEDULES", {})
+    monkeypatch.setattr(tables, "HEAVY_COLUMN_FACTOR", 1.0)
+    monkeypatch.setattr(tables.DkdvSchedule, "slots", spy)
     yield
     assert any(summed), "no column was summed from pieces: the test never ran the reduce"
 
@@ -247,19 +242,19 @@ def test_split_columns_varlen_and_long_table_bucket(poisoned, split_every_long_c
 def test_split_columns_other_tiles_varlen(tiles, poisoned, split_every_long_column, monkeypatch):
     # BLOCK_N > ROWS runs several reduce programs per tile; BLOCK_M != BLOCK_N puts pieces wholly in
     # a column's diagonal half. Documents of many lengths, most too short to need a cut column.
-    import powerattn.kernels as kernels
+    from powerattn.kernels import custom_ops
 
     def pick(kind, q, k, pattern, max_seqlen, run):
         return dict(zip(("BLOCK_M", "BLOCK_N"), tiles if kind == "dkdv" else (16, 16)))
 
-    monkeypatch.setattr(kernels, "pick_config", pick)
+    monkeypatch.setattr(custom_ops, "pick_config", pick)
     cu = torch.tensor([0, 5, 17, 33, 34, 90, 200, 230, 560], dtype=torch.int32)
     run_and_compare(powerattn.make_pattern("power", block_size=64, window=2), 1, 560, 4, 2, 16, torch.float32,
                     "cpu", cu=cu, max_seqlen=600)
 
 
 def test_workspace_slots_only_where_a_column_is_cut():
-    from powerattn.kernels.backward import heavy_first_schedule
+    from powerattn.kernels.tables import heavy_first_schedule
 
     t = powerattn.make_pattern("power", block_size=32, window=2).tables(4096, 16, 16)
     sched = heavy_first_schedule(t, 16, 16)

@@ -11,15 +11,17 @@ log-sum-exp; everything is deterministic.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from powerattn.kernels.forward import LOG2_E, query_tile_program, rows_descriptor, sequence_bounds
+from powerattn.kernels.common import LOG2_E, query_tile_program, rows_descriptor, sequence_bounds
+from powerattn.kernels.tables import DkdvSchedule
 from powerattn.patterns import BlockTables
+
+DELTA_ROWS = 64  # rows of one head per program of the delta kernel
+REDUCE_ROWS = 32  # rows of one split key tile per program of the dK/dV reduce
+COUNT_CHUNK = tl.constexpr(64)  # table entries _valid_count reads at once
 
 
 @triton.jit
@@ -38,11 +40,11 @@ def _delta_kernel(O, DO, DELTA, n_rows, n_heads, stride_ob, stride_os, stride_oh
 
 
 @triton.jit
-def _valid_count(idx_ptr, lo, hi, limit, CHUNK: tl.constexpr):
+def _valid_count(idx_ptr, lo, hi, limit):
     """How many of the ascending entries idx[lo:hi] are < limit (tables may cover a longer length)."""
     n = lo * 0
-    for c in range(lo, hi, CHUNK):
-        offs = c + tl.arange(0, CHUNK)
+    for c in range(lo, hi, COUNT_CHUNK):
+        offs = c + tl.arange(0, COUNT_CHUNK)
         vals = tl.load(idx_ptr + offs, mask=offs < hi, other=limit)
         n += tl.sum((vals < limit).to(tl.int32), 0)
     return n
@@ -70,7 +72,7 @@ def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, f
 
 
 @triton.jit
-def _dkdv_kernel(
+def dkdv_kernel(
     q_desc, K, V, do_desc, LSE, DELTA, DK, DV, WS_DK, WS_DV, slots, q_ptr, q_idx, q_full, items, cu_seqlens,
     seq_len, n_kv_heads, n_seq, n_items, n_pieces, qk_scale, sm_scale,
     stride_kb, stride_ks, stride_kh,
@@ -81,7 +83,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    # Schedule (see heavy_first_schedule): the pieces of heavy columns first, for every (sequence,
+    # Schedule (see tables.heavy_first_schedule): the pieces of heavy columns first, for every (sequence,
     # KV head), so no long program starts late and runs alone at the end; then whole columns,
     # neighbouring key tiles of one head together so their query tiles are shared in L2.
     pid = tl.program_id(0)
@@ -119,11 +121,11 @@ def _dkdv_kernel(
     # A column lists its full query tiles, then its diagonal ones; each list ascends, so the tiles
     # inside this sequence (the table may cover a longer one) are a prefix of each.
     n_q_tiles = tl.cdiv(seqlen, BLOCK_M)
-    full_hi = first + _valid_count(q_idx, first, last, n_q_tiles, 64)
+    full_hi = first + _valid_count(q_idx, first, last, n_q_tiles)
     diag_lo = tl.load(q_ptr + pid_n) + tl.load(q_full + pid_n)
     diag_hi = diag_lo
     if with_diagonal:
-        diag_hi += _valid_count(q_idx, diag_lo, tl.load(q_ptr + pid_n + 1), n_q_tiles, 64)
+        diag_hi += _valid_count(q_idx, diag_lo, tl.load(q_ptr + pid_n + 1), n_q_tiles)
     for g in range(GROUP):
         head = kv_head * GROUP + g
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
@@ -196,7 +198,7 @@ def _dq_step(dq, q, do, lse, delta, k_desc, v_desc, row0, col, first, offs_m, se
 
 
 @triton.jit
-def _dq_kernel(
+def dq_kernel(
     Q, k_desc, v_desc, DO, LSE, DELTA, DQ, kv_ptr, kv_idx, kv_full, cu_seqlens,
     seq_len, n_heads, qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh,
@@ -239,79 +241,11 @@ def launch_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     """delta [b, h, s] = rowsum(dO * O) in float32."""
     b, s, h, d = o.shape
     delta = torch.empty((b, h, s), device=o.device, dtype=torch.float32)
-    block = 64
-    _delta_kernel[(triton.cdiv(s, block), b * h)](
+    _delta_kernel[(triton.cdiv(s, DELTA_ROWS), b * h)](
         o, do, delta, s, h, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        HEAD_DIM=d, BLOCK=block,
+        HEAD_DIM=d, BLOCK=DELTA_ROWS,
     )
     return delta
-
-
-class DkdvSchedule(NamedTuple):
-    """The dK/dV kernel's work items: pieces of heavy key columns first, then whole columns."""
-
-    # int32 [n_items, 4]: (key tile, first, last, with_diagonal): the program walks the column's full
-    # query tiles q_idx[first:last], and its diagonal ones too where with_diagonal is 1.
-    items: torch.Tensor
-    n_pieces: int  # the first n_pieces items are pieces of split columns
-    split_tiles: torch.Tensor  # int32 [n_split]: the split key tiles
-    split_ptr: torch.Tensor  # int32 [n_split + 1]: split tile i's pieces are items split_ptr[i]:split_ptr[i + 1]
-    piece_split: torch.Tensor  # int32 [n_pieces]: which split tile each piece belongs to
-    need: torch.Tensor  # int32 [n_pieces]: the shortest sequence in which a piece has work
-    bound_need: tuple[int, ...]  # per piece: the shortest sequence in which it needs a workspace slot
-
-    def slots(self, seqlens: torch.Tensor, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Workspace slots for sequences of lengths `seqlens` (device, int32), without a host sync.
-
-        Returns (slots [n_pieces, n_seq]: a slot >= 0, -2 where the piece alone covers its column in
-        that sequence and writes dK/dV directly, -1 where it has no work; cut [n_split, n_seq]: whether
-        the reduce sums that column; capacity). A piece takes a slot only where its column has work in
-        several pieces, so short packed documents cost no workspace; `capacity` bounds the slots for
-        any lengths adding up to `total_tokens` (at most total // x sequences are >= x long).
-        """
-        has = seqlens[None, :] >= self.need[:, None]
-        per_split = torch.zeros((self.split_tiles.numel(), seqlens.numel()), dtype=torch.int32, device=has.device)
-        per_split.index_add_(0, self.piece_split, has.int())
-        cut = per_split >= 2
-        use = has & cut[self.piece_split]
-        order = torch.cumsum(use.flatten().int(), 0).view_as(use) - 1
-        slots = torch.where(use, order, torch.where(has, -2, -1)).int()
-        capacity = sum(min(seqlens.numel(), total_tokens // n) for n in self.bound_need)
-        return slots, cut.int(), capacity
-
-
-def heavy_first_schedule(tables: BlockTables, tile_m: int, tile_n: int, factor: float = 4.0) -> DkdvSchedule:
-    """Cut every key column longer than ceil(`factor` x the mean) into near-equal pieces no longer than that.
-
-    The sink block's column holds every query tile: uncut, its program runs ~35x longer than an
-    ordinary one at 128K and, with few KV heads to hide behind, ends the kernel alone. Pieces go
-    first (longest column first), then whole columns in tile order. Pieces split the column's full
-    tiles in query order, the first piece also taking the few diagonal ones (the nearest queries),
-    so a document reaches a prefix of the pieces and one shorter than the first piece needs no cut.
-    """
-    if factor < 1:
-        raise ValueError(f"heavy_first_schedule: factor must be >= 1 (some columns stay whole), got {factor}")
-    q_ptr, q_idx, q_full = (t.cpu().long() for t in (tables.q_ptr, tables.q_idx, tables.q_full))
-    lens = q_ptr[1:] - q_ptr[:-1]
-    cap = max(1, math.ceil(factor * lens.float().mean().item()))
-    n_cut = [min(-(-int(n) // cap), int(f)) for n, f in zip(lens, q_full)]  # pieces; full tiles to cut
-    heavy = [t for t in torch.argsort(lens, descending=True, stable=True).tolist() if n_cut[t] >= 2]
-    pieces, split_ptr, piece_split, need, bound_need = [], [0], [], [], []
-    for i, t in enumerate(heavy):
-        lo, n, f = int(q_ptr[t]), n_cut[t], int(q_full[t])
-        cuts = [lo + f * j // n for j in range(n + 1)]
-        pieces += [(t, a, b, int(j == 0)) for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-        # A piece has work in a sequence holding its nearest query tile (the first: the key tile's own).
-        needs = [t * tile_n + 1] + [int(q_idx[a]) * tile_m + 1 for a in cuts[1:-1]]
-        piece_split += [i] * n
-        need += needs
-        bound_need += [max(x, needs[1]) for x in needs]  # a slot only where >= 2 pieces have work
-        split_ptr.append(len(pieces))
-    cut = set(heavy)
-    whole = [(t, int(q_ptr[t]), int(q_ptr[t] + q_full[t]), 1) for t in range(lens.numel()) if t not in cut]
-    as_int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=tables.q_ptr.device)
-    return DkdvSchedule(as_int32(pieces + whole).reshape(-1, 4), len(pieces), as_int32(heavy), as_int32(split_ptr),
-                        as_int32(piece_split), as_int32(need), tuple(bound_need))
 
 
 def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSchedule, cu_seqlens,
@@ -334,7 +268,7 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
     # for one 128K sequence with 8 KV heads, at most 80 MB for any packing of 128K tokens.
     ws_dk = torch.empty((capacity, hkv, block_n, d), device=q.device, dtype=torch.float32)
     ws_dv = torch.empty_like(ws_dk)
-    _dkdv_kernel[(n_items * n_seq * hkv,)](
+    dkdv_kernel[(n_items * n_seq * hkv,)](
         rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
         ws_dk, ws_dv, slots, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
         s, hkv, n_seq, n_items, schedule.n_pieces, scale * LOG2_E, scale,
@@ -346,7 +280,7 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
         GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
     )
     if schedule.n_pieces:
-        rows = min(block_n, 32)
+        rows = min(block_n, REDUCE_ROWS)
         _dkdv_reduce_kernel[(schedule.split_tiles.numel(), n_seq * hkv, block_n // rows)](
             ws_dk, ws_dv, dk, dv, slots, cut, schedule.split_tiles, schedule.split_ptr, cu_seqlens, s, hkv, n_seq,
             scale,
@@ -365,7 +299,7 @@ def launch_dq(q, k, v, do, lse, delta, tables: BlockTables, cu_seqlens, max_seql
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     group = h // k.shape[2]
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * group, n_seq * k.shape[2])
-    _dq_kernel[grid](
+    dq_kernel[grid](
         q, rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]), do, lse, delta, dq,
         tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
         s, h, scale * LOG2_E, scale,

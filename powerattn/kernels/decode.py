@@ -14,8 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from powerattn.kernels.forward import LOG2_E
+from powerattn.kernels.common import INTERPRETER_TILE, LOG2_E, MIN_DOT, interpreting
+from powerattn.kernels.tables import device_tables, table_length
 from powerattn.patterns import Pattern
+
+DECODE_TILE = 64  # key rows per step of the decode loop (a pattern block is several of them)
+MAX_SPLITS = 128  # slices of one row at most: the combine kernel reads all of them at once
+WAVES = 2  # programs per SM the split count aims for
+INTERPRETER_SMS = 4  # stands in for the SM count, so the interpreter exercises several splits
 
 
 @triton.jit
@@ -107,18 +113,16 @@ def _max_row_blocks(pattern: Pattern, table_len: int) -> int:
 def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: Pattern,
                   cache_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
     """out [b, c, h, d] for queries at cache_seqlens - c + j (see powerattn.decode_attention)."""
-    from powerattn.kernels import _table_length, device_tables, interpreting
-
     b, c, h, d = q.shape
     hkv = k_cache.shape[2]
     group = h // hkv
     bs = pattern.block_size
     max_len = k_cache.shape[1]
     tables = device_tables(pattern, max_len, bs, bs, q.device)
-    block_n = min(16 if interpreting() else 64, bs & -bs)
-    items = _max_row_blocks(pattern, _table_length(max_len, bs)) * (bs // block_n)
-    sms = 4 if interpreting() else _sm_count(q.device.index or 0)
-    splits = max(1, min(items, triton.cdiv(2 * sms, b * c * hkv), 128))
+    block_n = min(INTERPRETER_TILE if interpreting() else DECODE_TILE, bs & -bs)
+    items = _max_row_blocks(pattern, table_length(max_len, bs)) * (bs // block_n)
+    sms = INTERPRETER_SMS if interpreting() else _sm_count(q.device.index or 0)
+    splits = max(1, min(items, triton.cdiv(WAVES * sms, b * c * hkv), MAX_SPLITS))
     o_part = torch.empty((b * c * h * splits, d), device=q.device, dtype=torch.float32)
     l_part = torch.empty((b * c * h * splits,), device=q.device, dtype=torch.float32)
     _decode_kernel[(b * c, hkv, splits)](
@@ -127,7 +131,7 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=block_n,
+        GROUP=group, BLOCK_H=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=block_n,
         PATTERN_BLOCK=bs,
     )
     out = torch.empty_like(q)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
+from powerattn.kernels.common import LOG2_E, query_tile_program, rows_descriptor, sequence_bounds
 from powerattn.patterns import BlockTables
-
-LOG2_E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are scaled by it once
 
 
 @triton.jit
@@ -46,35 +44,7 @@ def _tile_update(acc, m_i, l_i, q, k_desc, v_desc, row0, col, first, offs_m, seq
 
 
 @triton.jit
-def sequence_bounds(cu_seqlens, seq, seq_len, VARLEN: tl.constexpr):
-    """(batch, first row in the [b * s, h * d] view, start offset, length) of sequence/document `seq`.
-
-    Batch and start are int64: batch * stride and position * stride pass 2^31 at long context.
-    """
-    if VARLEN:  # packed documents of one batch row
-        row0 = tl.load(cu_seqlens + seq)
-        seqlen = tl.load(cu_seqlens + seq + 1) - row0
-        return tl.zeros([], dtype=tl.int64), row0, row0.to(tl.int64), seqlen
-    else:
-        return seq.to(tl.int64), seq * seq_len, tl.zeros([], dtype=tl.int64), seq_len
-
-
-@triton.jit
-def query_tile_program(n_heads, GROUP: tl.constexpr):
-    """(query tile, sequence * n_kv_heads + kv head, head) of this program in the forward / dQ grid.
-
-    Axis 0 runs over (query tile, head of the GQA group) with the group's heads adjacent, so the
-    programs sharing a K/V tile run together and it comes from L2 once per group; query tiles
-    are handed out from the end of the sequence, longest rows first.
-    """
-    pid_m = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
-    pid_bh = tl.program_id(1)
-    head = (pid_bh % (n_heads // GROUP)) * GROUP + tl.program_id(0) % GROUP
-    return pid_m, pid_bh, head
-
-
-@triton.jit
-def _fwd_kernel(
+def fwd_kernel(
     Q, k_desc, v_desc, O, LSE, kv_ptr, kv_idx, kv_full, cu_seqlens,
     seq_len, n_heads, qk_scale,
     stride_qb, stride_qs, stride_qh,
@@ -119,12 +89,6 @@ def _fwd_kernel(
     tl.store(LSE + batch * stride_lb + head * stride_lh + start + offs_m, lse, mask=row_ok)
 
 
-def rows_descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    """TMA descriptor over [b, s, h, d] seen as [b * s, h * d], loading [block_rows, d] tiles of one head."""
-    b, s, h, d = t.shape
-    return TensorDescriptor.from_tensor(t.view(b * s, h * d), block_shape=[block_rows, d])
-
-
 def launch_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: BlockTables, cu_seqlens: torch.Tensor | None,
     max_seqlen: int, scale: float, cfg: dict,
@@ -136,7 +100,7 @@ def launch_forward(
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     group = h // k.shape[2]
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * group, n_seq * k.shape[2])
-    _fwd_kernel[grid](
+    fwd_kernel[grid](
         q, rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]), o, lse,
         tables.kv_ptr, tables.kv_idx, tables.kv_full, cu_seqlens,
         s, h, scale * LOG2_E,

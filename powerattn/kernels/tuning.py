@@ -13,13 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import triton
 
 from powerattn.atomic import atomic_write
+from powerattn.kernels.common import INTERPRETER_TILE, interpreting
 from powerattn.patterns import Pattern
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first fitting entry is the untuned default.
-# Ordered so the first fitting entry (the untuned default) is one that compiles without register
-# spills for sm_90 (checked with ptxas -v on Triton's PTX); see docs/kernels.md.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Ordered so the first fitting entry (the untuned default)
+# is one that compiles without register spills for sm_90 (checked with ptxas -v on Triton's PTX);
+# see docs/kernels.md.
 CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "fwd": {
         64: [(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 4)],
@@ -38,7 +40,6 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     },
 }
-INTERPRETER_TILE = 16
 
 _memory: dict[str, dict] = {}
 
@@ -78,8 +79,6 @@ def candidates(kind: str, head_dim: int, block_size: int) -> list[dict]:
 def pick_config(kind: str, q: torch.Tensor, k: torch.Tensor, pattern: Pattern, max_seqlen: int,
                 run: Callable[[dict], object]) -> dict:
     """The cached best config for this kernel and shape bucket, timing the candidates on first use."""
-    from powerattn.kernels import interpreting
-
     if interpreting():
         t = min(INTERPRETER_TILE, pattern.block_size & -pattern.block_size)
         return dict(BLOCK_M=t, BLOCK_N=t)
@@ -101,8 +100,6 @@ def pick_config(kind: str, q: torch.Tensor, k: torch.Tensor, pattern: Pattern, m
 
 
 def _time_candidates(options: list[dict], run: Callable[[dict], object]) -> dict:
-    import triton
-
     best, best_ms = options[0], float("inf")
     for cfg in options:
         try:
