@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from powerattn.patterns import Pattern
-from powerattn.reference import block_gather_attention, decode_reference, document_positions
+from powerattn.reference import block_gather_attention, decode_reference, document_positions, padded_rows
 
 BACKENDS = ("auto", "triton", "flex", "torch")
 
@@ -160,12 +160,9 @@ def flex_block_mask(pattern: Pattern, seq_len: int, device: str):
     n = t.kv_ptr.numel() - 1
     ptr, idx, full = t.kv_ptr.long(), t.kv_idx.long(), t.kv_full.long()
     lens = ptr[1:] - ptr[:-1]
-    slot = torch.arange(n)  # FlexAttention wants one index slot per key tile
-    in_row = (ptr[:-1, None] + slot[None, :]).clamp(max=idx.numel() - 1)
-    full_idx = torch.where(slot[None, :] < full[:, None], idx[in_row], 0)
-    # Partial entries shifted to the front of their own list, as FlexAttention expects.
-    part_src = (ptr[:-1, None] + full[:, None] + slot[None, :]).clamp(max=idx.numel() - 1)
-    part_idx = torch.where(slot[None, :] < (lens - full)[:, None], idx[part_src], 0)
+    # FlexAttention wants one index slot per key tile, and the partial entries in a list of their own.
+    full_idx, _ = padded_rows(idx, ptr[:-1], full, n)
+    part_idx, _ = padded_rows(idx, ptr[:-1] + full, lens - full, n)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return pattern.token_rule(q_idx, kv_idx)

@@ -51,15 +51,11 @@ def dense_reference(
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
 
 
-def _padded_rows(pattern: Pattern, seq_len: int) -> tuple[Tensor, Tensor]:
-    """Block-level rows as a dense [num_blocks, max_row] index (+ validity), from the CSR tables."""
-    t = pattern.tables(seq_len)
-    ptr, idx = t.kv_ptr.long(), t.kv_idx.long()
-    lens = ptr[1:] - ptr[:-1]
-    width = int(lens.max())
-    slot = torch.arange(width)
-    valid = slot[None, :] < lens[:, None]
-    gather = (ptr[:-1, None] + slot[None, :]).clamp(max=max(idx.numel() - 1, 0))
+def padded_rows(idx: Tensor, starts: Tensor, counts: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """CSR rows idx[starts[r]:starts[r] + counts[r]] as a dense [rows, width] index padded with 0 (+ validity)."""
+    slot = torch.arange(width, device=idx.device)
+    valid = slot[None, :] < counts[:, None]
+    gather = (starts[:, None] + slot[None, :]).clamp(max=max(idx.numel() - 1, 0))
     return torch.where(valid, idx[gather], 0), valid
 
 
@@ -73,7 +69,10 @@ def _block_gather_one(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: 
     if pad:
         # Padded keys sit after every real query, so the causal mask removes them.
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-    rows, valid = _padded_rows(pattern, s)
+    t = pattern.tables(s)
+    ptr = t.kv_ptr.long()
+    lens = ptr[1:] - ptr[:-1]
+    rows, valid = padded_rows(t.kv_idx.long(), ptr[:-1], lens, int(lens.max()))
     rows, valid = rows.to(q.device), valid.to(q.device)
     width = rows.shape[1]
     qb = q.view(b, nb, bs, hkv, g, d)
