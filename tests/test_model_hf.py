@@ -147,6 +147,28 @@ def test_our_save_loads_in_hf_and_round_trips_sharded(tmp_path, kind):
         torch.testing.assert_close(our_logits(again, ids), expected, atol=0, rtol=0)
 
 
+def test_shards_hold_each_tensor_once_within_the_limit_in_the_dtype_written(tmp_path):
+    from powerattn.model import LlamaConfig, LlamaForCausalLM
+
+    ours = LlamaForCausalLM(LlamaConfig(**TINY))
+    limit = 20_000
+    ours.save_pretrained(tmp_path / "out", max_shard_size=limit, dtype=torch.float16)
+    with open(tmp_path / "out" / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    shards = {}
+    for file in sorted(set(index["weight_map"].values())):
+        shards[file] = load_file(tmp_path / "out" / file)
+        assert all(t.dtype == torch.float16 for t in shards[file].values())
+        nbytes = [t.numel() * t.element_size() for t in shards[file].values()]
+        assert sum(nbytes) <= limit or len(nbytes) == 1, (file, nbytes)  # only a lone big tensor may exceed it
+    n = len(shards)
+    assert sorted(shards) == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    names = {name: file for file, tensors in shards.items() for name in tensors}
+    assert names == index["weight_map"] and set(names) == {name for name, _ in ours.named_parameters()}
+    total = sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values())
+    assert index["metadata"]["total_size"] == total
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_model_built_from_scratch_saves_hf_loadable(tmp_path, model_type):
     from powerattn.model import LlamaConfig, LlamaForCausalLM

@@ -16,6 +16,7 @@ import tempfile
 from collections import defaultdict
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -39,6 +40,7 @@ from powerattn.model.zero3 import (
 from powerattn.patterns import Pattern, pattern_from_dict
 
 WEIGHTS_NAME = "model.safetensors"
+SHARD_NAMES = "model{suffix}.safetensors"  # WEIGHTS_NAME, or model-00001-of-00003.safetensors ... when sharded
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -243,19 +245,6 @@ def parse_size(size: int | str) -> int:
     return max(1, int(float(m.group(1)) * scale))
 
 
-def _plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
-    """Consecutive groups of tensors of at most `limit` bytes (a larger tensor gets a shard of its own)."""
-    shards: list[list[int]] = []
-    total = limit + 1
-    for i, size in enumerate(sizes):
-        if total + size > limit:
-            shards.append([])
-            total = 0
-        shards[-1].append(i)
-        total += size
-    return shards
-
-
 def _config_json(model: LlamaForCausalLM, dtype_name: str) -> dict:
     out = model.config.to_hf_dict()
     out.setdefault("architectures", [ARCHITECTURES[model.config.model_type]])
@@ -282,36 +271,34 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_sha
     """
     limit = parse_size(max_shard_size)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    params = list(model.named_parameters())  # a tied lm_head is listed once, as the embedding
-    zero = any(is_zero3(p) for _, p in params)
+    params = dict(model.named_parameters())  # a tied lm_head is listed once, as the embedding
+    zero = any(is_zero3(p) for p in params.values())
     writer = rank() == 0
     tokenizer_src = tokenizer_dir or model.source_dir
     if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir!r} does not exist")
-    first_dtype = dtype or params[0][1].dtype
-    sizes = [full_shape(p).numel() * (dtype or p.dtype).itemsize for _, p in params]
-    shards = _plan_shards(sizes, limit)
+    first_dtype = dtype or next(iter(params.values())).dtype
+    # Planned on meta stand-ins of the full shape (not a ZeRO-3 partition) in the dtype written.
+    meta = {name: torch.empty(full_shape(p), dtype=dtype or p.dtype, device="meta") for name, p in params.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=SHARD_NAMES, max_shard_size=limit)
     tmp = None
     if writer:
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            file = WEIGHTS_NAME if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        for file, names in split.filename_to_tensors.items():
             tensors = {}
-            for i in shard:
-                name, p = params[i]
+            for name in names:
+                p = params[name]
                 with gathered([p]):  # one parameter at a time: never the whole model on a rank
                     if writer:
                         tensors[name] = p.detach().to(device="cpu", dtype=dtype or p.dtype).clone()
             if writer:
                 save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(tensors, file))
                 del tensors
         if writer:
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            if split.is_sharded:
+                index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
                 with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                     json.dump(index, f, indent=2)
             with open(os.path.join(tmp, "config.json"), "w") as f:
