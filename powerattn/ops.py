@@ -71,7 +71,7 @@ def sparse_attention(
     _check_inputs(q, k, v, pattern, cu_seqlens)
     backend, scale = _resolve("sparse_attention", backend, scale, q, pattern)
     if backend == "triton":
-        from powerattn.kernels import triton_attention
+        from powerattn.kernels import triton_attention  # not at the top: the kernels import triton, CPU runs need not
 
         return triton_attention(q, k, v, pattern, cu_seqlens, scale, max_seqlen)
     if backend == "flex":
