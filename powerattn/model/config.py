@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+FUSED_OPS = ("auto", "liger", "none")  # see powerattn/model/fused.py
 
 # Per RoPE type: (required keys, optional keys); rope_theta lives in LlamaConfig.rope_theta.
 ROPE_TYPES: dict[str, tuple[set[str], set[str]]] = {
@@ -46,8 +47,9 @@ class LlamaConfig:
     Framework-only fields (never written to config.json): activation_checkpointing (True: every
     layer, or a list of layer indices), loss_chunk_size (tokens per lm_head + cross-entropy chunk),
     tiled_mlp (tokens per MLP tile, each recomputed in backward, so [tokens, intermediate]
-    activations never exist whole; 0: untiled) and offload_activations (the checkpointed layers'
-    inputs wait for backward in CPU memory).
+    activations never exist whole; 0: untiled), offload_activations (the checkpointed layers'
+    inputs wait for backward in CPU memory) and fused_ops (RMSNorm, RoPE, SwiGLU and the loss as
+    Liger-Kernel's fused kernels: auto (on CUDA when installed) | liger | none; see fused.py).
     """
 
     model_type: str = "llama"
@@ -74,6 +76,7 @@ class LlamaConfig:
     loss_chunk_size: int = 2048
     tiled_mlp: int = 0
     offload_activations: bool = False
+    fused_ops: str = "auto"
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ class LlamaConfig:
         )
         if isinstance(self.tiled_mlp, bool) or not isinstance(self.tiled_mlp, int) or self.tiled_mlp < 0:
             raise CheckpointError(f"config: tiled_mlp must be a token count >= 0 (0: untiled), got {self.tiled_mlp!r}")
+        if self.fused_ops not in FUSED_OPS:
+            raise CheckpointError(f"config: fused_ops {self.fused_ops!r} is not one of {FUSED_OPS}")
         if self.offload_activations and not self.checkpointed_layers():
             raise CheckpointError("config: offload_activations moves the inputs of activation-checkpointed layers "
                                   "to CPU memory; it needs activation_checkpointing")

@@ -1,9 +1,7 @@
 """LLaMA-family decoder (Llama-2/3, Mistral, Qwen2) whose attention is one call to an attention core
-(`sparse_attention`; sequence parallelism wraps it, see training/sequence_parallel.py).
-
-Parameter names match transformers' LlamaForCausalLM / Qwen2ForCausalLM, so state dicts interchange.
-Generation (generate.py), document and cache bookkeeping (context.py), HF I/O (hf_io.py), FLOP
-counting (flops.py) and ZeRO-3 helpers (zero3.py) live beside this file.
+(`sparse_attention`; sequence parallelism wraps it, see training/sequence_parallel.py) and whose other
+ops come eager or fused from fused.py. Parameter names match transformers' LlamaForCausalLM, so state
+dicts interchange. Generation, documents and caches, HF I/O, FLOP counting and ZeRO-3 helpers live beside.
 """
 
 from __future__ import annotations
@@ -16,11 +14,12 @@ from torch import Tensor, nn
 from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
+from powerattn.model import fused
 from powerattn.model.config import LlamaConfig, extend_context, resolve_attention_schedule
 from powerattn.model.context import AttentionContext, Documents, attention_context, find_documents
 from powerattn.model.kv_cache import KVCache
-from powerattn.model.loss import TokenLoss, chunked_cross_entropy
-from powerattn.model.rope import RotaryEmbedding, apply_rope
+from powerattn.model.loss import TokenLoss
+from powerattn.model.rope import RotaryEmbedding
 from powerattn.model.zero3 import edited_on_rank0
 from powerattn.ops import BACKENDS, decode_attention, sparse_attention
 from powerattn.patterns import Pattern, make_pattern
@@ -28,36 +27,33 @@ from powerattn.targets import next_token_targets
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused_ops: str = "none"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.fused_ops = eps, fused_ops
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps, self.fused_ops)
 
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.n_head * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=config.o_bias)
         self.pattern: Pattern = make_pattern("full")  # set by LlamaForCausalLM.configure_attention
-        self.backend = "auto"
+        self.backend, self.fused_ops = "auto", config.fused_ops
         self.core = sparse_attention  # (q, k, v, pattern, cu_seqlens, backend=, max_seqlen=) -> out
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), ctx.cos, ctx.sin)
+        q, k = fused.rope(self.q_proj(x).view(b, s, self.n_head, self.head_dim),
+                          self.k_proj(x).view(b, s, self.n_kv, self.head_dim), ctx.cos, ctx.sin, self.fused_ops)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
         cache = ctx.kv_cache
         if cache is not None and self.core is not sparse_attention:
@@ -79,7 +75,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
-        self.tile = config.tiled_mlp  # tokens per tile; 0: all at once
+        self.tile, self.fused_ops = config.tiled_mlp, config.fused_ops  # tile: tokens per tile (0: all at once)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.tile or x.shape[:-1].numel() <= self.tile:
@@ -91,7 +87,7 @@ class MLP(nn.Module):
         return torch.cat([run(t) for t in tiles]).view(*x.shape[:-1], -1)
 
     def mlp(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x), self.fused_ops))
 
 
 class DecoderLayer(nn.Module):
@@ -99,8 +95,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_ops)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -117,7 +113,7 @@ class LlamaModel(nn.Module):
         pad = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_ops)
         self.rotary = RotaryEmbedding(config)
 
     def forward(self, input_ids: Tensor, docs: Documents | None = None, kv_cache: KVCache | None = None) -> Tensor:
@@ -141,19 +137,25 @@ class LlamaModel(nn.Module):
 
 
 class LMHead(nn.Module):
-    """lm_head: logits; given targets, the chunked next-token loss instead, never holding all logits.
+    """lm_head: `logits(hidden)` [..., vocab], or `loss(hidden, targets)`: the summed loss over non-ignored,
+    already shifted targets and their count, never holding all logits. Both enter through the module call
+    (forward tells them apart by targets): ZeRO-3 gathers the weight in its hooks, which run only on calls."""
 
-    One module call either way, so ZeRO-3 gathers the weight once (its hooks run only on calls).
-    """
-
-    def __init__(self, hidden_size: int, vocab_size: int, tied: nn.Parameter | None = None):
+    def __init__(self, hidden_size: int, vocab_size: int, tied: nn.Parameter | None = None, fused_ops: str = "none"):
         super().__init__()
         self.weight = tied if tied is not None else nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.fused_ops = fused_ops
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self(hidden)
+
+    def loss(self, hidden: Tensor, targets: Tensor, chunk_size: int) -> TokenLoss:
+        return self(hidden, targets, chunk_size)
 
     def forward(self, hidden: Tensor, targets: Tensor | None = None, chunk_size: int = 2048) -> Tensor | TokenLoss:
         if targets is None:
             return F.linear(hidden, self.weight)
-        return chunked_cross_entropy(hidden, self.weight, targets, chunk_size)
+        return fused.linear_cross_entropy(hidden, self.weight, targets, chunk_size, self.fused_ops)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -166,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         tied = self.model.embed_tokens.weight if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied, config.fused_ops)
         self.source_dir: str | None = None  # the HF folder loaded from (tokenizer files are copied from it)
         self.configure_attention(pattern, attention_schedule, backend)
         if init_weights and not self.lm_head.weight.is_meta:
@@ -203,18 +205,17 @@ class LlamaForCausalLM(nn.Module):
         or to positions inside each document when cu_seqlens is given.
         """
         if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         if position_ids is not None and kv_cache is not None:
             raise ValueError("position_ids come from the KV cache when decoding; do not pass them")
         docs = find_documents(input_ids, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
-            return self.lm_head(self.model(input_ids, docs, kv_cache))
+            return self.lm_head.logits(self.model(input_ids, docs, kv_cache))
         return self.loss(input_ids, next_token_targets(labels, docs.cu_seqlens, docs.position_ids), docs).mean()
 
     def loss(self, input_ids: Tensor, targets: Tensor, docs: Documents) -> TokenLoss:
         """Summed loss of already-shifted targets [b, s] and their count (training: rows, or a Ulysses slice)."""
-        return self.lm_head(self.model(input_ids, docs), targets, self.config.loss_chunk_size)
+        return self.lm_head.loss(self.model(input_ids, docs), targets, self.config.loss_chunk_size)
 
     def generate(self, input_ids: Tensor | list[Tensor], max_new_tokens: int,
                  eos_token_id: int | list[int] | None = None) -> Tensor | list[Tensor]:
@@ -236,8 +237,7 @@ class LlamaForCausalLM(nn.Module):
         """Write an HF folder atomically (see hf_io.save_pretrained); under ZeRO-3 every rank must call it."""
         from powerattn.model.hf_io import save_pretrained
 
-        save_pretrained(self, out_dir, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
-                        dtype=dtype)
+        save_pretrained(self, out_dir, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir, dtype=dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -49,6 +49,7 @@ class ModelConfig:
     loss_chunk_size: int = 2048             # tokens per lm_head + cross-entropy chunk
     tiled_mlp: int = 0                      # tokens per MLP tile, recomputed in backward (0: untiled)
     offload_activations: bool = False       # checkpointed layers' inputs wait in CPU memory
+    fused_ops: str = "auto"                 # auto | liger | none: Liger-Kernel's RMSNorm/RoPE/SwiGLU/loss
     max_position_embeddings: int | None = None
     rope_theta: float | None = None
     rope_scaling: Any = None                # None keeps the model's; "default", a type name, or a dict
@@ -209,6 +210,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Value checks that need no files, processes or devices (those follow in the trainer)."""
+    from powerattn.model.config import FUSED_OPS
     from powerattn.ops import BACKENDS
 
     _check(cfg.precision in PRECISIONS, "precision", f"{cfg.precision!r} is not one of {PRECISIONS}")
@@ -224,6 +226,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.path is not None or m.arch is not None, "model", "set model.path (an HF folder) or model.arch")
     _check(m.attention_backend in BACKENDS, "model.attention_backend",
            f"{m.attention_backend!r} is not one of {BACKENDS}")
+    _check(m.fused_ops in FUSED_OPS, "model.fused_ops", f"{m.fused_ops!r} is not one of {FUSED_OPS}")
     _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", "must be >= 1")
     _check(m.tiled_mlp >= 0, "model.tiled_mlp", "must be >= 0 (tokens per tile; 0: untiled)")
     _check(not m.offload_activations or bool(m.activation_checkpointing), "model.offload_activations",

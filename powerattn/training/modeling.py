@@ -40,7 +40,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.
 def _overrides(cfg: TrainConfig) -> dict:
     return dict(activation_checkpointing=cfg.model.activation_checkpointing,
                 loss_chunk_size=cfg.model.loss_chunk_size, tiled_mlp=cfg.model.tiled_mlp,
-                offload_activations=cfg.model.offload_activations)
+                offload_activations=cfg.model.offload_activations, fused_ops=cfg.model.fused_ops)
 
 
 def check_model(cfg: TrainConfig, vocab_size: int | None, sp_size: int) -> LlamaConfig:
