@@ -78,6 +78,7 @@ def test_cfg_job_prints_the_composed_experiment():
     ("logger.mode=sometimes", "logger.mode"),
     ("data.synthetic.tasks=[passkey,recal]", "data.synthetic.tasks"),
     ("data.synthetic.tasks=[]", "data.synthetic.tasks"),
+    ("model.fused_ops=ligre", "model.fused_ops"),
 ])
 def test_bad_values_fail_fast_naming_the_key(override, key):
     composed = _compose(override)
