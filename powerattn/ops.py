@@ -1,4 +1,5 @@
-"""`sparse_attention`: input checks and dispatch to the Triton, FlexAttention or portable backend."""
+"""`sparse_attention`: input checks and dispatch to the Triton, FlexAttention or portable backend, and
+dense causal attention (the `full` pattern) through SDPA."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor
 from powerattn.patterns import Pattern
 from powerattn.reference import block_gather_attention, decode_reference, document_positions, padded_rows
 
-BACKENDS = ("auto", "triton", "flex", "torch")
+BACKENDS = ("auto", "triton", "flex", "torch", "sdpa")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, cu_seqlens: Tensor | None) -> None:
@@ -66,10 +67,13 @@ def sparse_attention(
     """Block-sparse causal attention of q [b, s, h, d] over k, v [b, s, kv_heads, d] under `pattern`.
 
     cu_seqlens (int32 [num_docs + 1], batch 1) restarts the pattern at each document; max_seqlen,
-    the longest document, spares the Triton backend a device sync when given.
+    the longest document, spares the Triton backend a device sync when given. backend "sdpa" runs
+    only the `full` pattern; "auto" picks it for `full` on CUDA when there are no packed documents.
     """
     _check_inputs(q, k, v, pattern, cu_seqlens)
-    backend, scale = _resolve("sparse_attention", backend, scale, q, pattern)
+    backend, scale = _resolve("sparse_attention", backend, scale, q, pattern, sdpa_ok=cu_seqlens is None)
+    if backend == "sdpa":
+        return dense_attention(q, k, v, cu_seqlens, scale)
     if backend == "triton":
         from powerattn.kernels import triton_attention  # not at the top: the kernels import triton, CPU runs need not
 
@@ -104,7 +108,8 @@ def decode_attention(
         raise ValueError(
             f"decode_attention: cache_seqlens must have shape ({q.shape[0]},), got {tuple(cache_seqlens.shape)}"
         )
-    backend, scale = _resolve("decode_attention", backend, scale, q, pattern)
+    # Dense layers decode with the kernels that know the cache's lengths, whatever ran their prefill.
+    backend, scale = _resolve("decode_attention", "auto" if backend == "sdpa" else backend, scale, q, pattern)
     if backend == "triton":
         from powerattn.kernels import triton_decode
 
@@ -112,18 +117,43 @@ def decode_attention(
     return decode_reference(q, k_cache, v_cache, pattern, cache_seqlens, scale)
 
 
-def _resolve(caller: str, backend: str, scale: float | None, q: Tensor, pattern: Pattern) -> tuple[str, float]:
-    """Validated backend ("auto": triton on CUDA where supported, else flex; torch on CPU) and scale."""
+def _resolve(caller: str, backend: str, scale: float | None, q: Tensor, pattern: Pattern,
+             sdpa_ok: bool = False) -> tuple[str, float]:
+    """Validated backend and scale. "auto": on CUDA sdpa for `full` where sdpa_ok, else triton where
+    supported, else flex; torch on CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"{caller}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "sdpa" and pattern.name != "full":
+        raise ValueError(f"{caller}: backend 'sdpa' runs dense causal attention, not pattern {pattern.key}; "
+                         "use it for the `full` pattern only")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend != "auto":
         return backend, scale
     if not q.is_cuda:
         return "torch", scale
+    # cuDNN's dense causal attention beat our kernel on the full pattern (H100, 16K, head_dim 128:
+    # 3.77 / 10.39 ms fwd / bwd against 4.50 / 14.47, docs/performance.md); bench/vs_hf.py times both.
+    if sdpa_ok and pattern.name == "full":
+        return "sdpa", scale
     from powerattn.kernels import triton_supports
 
     return ("triton" if triton_supports(q, pattern) else "flex"), scale
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, scale: float) -> Tensor:
+    """Causal attention of q [b, s, h, d] over every earlier key of k, v [b, s, kv_heads, d] through SDPA
+    (cuDNN or flash on GPUs), one call per packed document (their bounds cost a device sync)."""
+    if cu_seqlens is None:
+        return _sdpa(q, k, v, scale)
+    cu = cu_seqlens.tolist()
+    return torch.cat([_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], scale) for a, b in zip(cu, cu[1:]) if b > a], dim=1)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 # FlexAttention: the BlockMask comes from the pattern's own tables and its mask_mod from token_rule.

@@ -94,6 +94,72 @@ def test_flex_backend_gpu_with_gradients(name):
     check("flex", name, 1, 2000, 8, 2, 64, torch.float32, cu=cu, tol=2e-3, device="cuda", params=params)
 
 
+@pytest.mark.parametrize("s", [16, 100, 161])
+def test_sdpa_backend_full_gqa(s):
+    check("sdpa", "full", 2, s, 8, 2, 8, torch.float64)
+
+
+def test_sdpa_backend_varlen_documents():
+    # An empty and a one-token document among them: SDPA runs once per non-empty document.
+    cu = torch.tensor([0, 37, 37, 38, 131], dtype=torch.int32)
+    check("sdpa", "full", 1, 131, 4, 2, 8, torch.float64, cu=cu)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter runs on CPU machines")
+def test_sdpa_and_triton_agree_on_full():
+    """The two dense paths a model chooses between, same inputs: output and every gradient (fp32)."""
+    pytest.importorskip("triton")
+    pat = powerattn.make_pattern("full", block_size=32)
+    q, k, v = inputs(1, 100, 4, 2, 16, torch.float32)
+    outs, grads = [], []
+    g = torch.randn_like(q)
+    for backend in ("sdpa", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = powerattn.sparse_attention(*leaves, pat, backend=backend)
+        out.backward(g)
+        outs.append(out)
+        grads.append([t.grad for t in leaves])
+    assert rel_err(outs[0], outs[1]) < 1e-5
+    for nm, a, b in zip("qkv", *grads):
+        assert rel_err(a, b) < 1e-5, nm
+
+
+def test_sdpa_backend_refuses_sparse_patterns_and_decodes_as_auto():
+    pat = powerattn.make_pattern("power", block_size=16)
+    q, k, v = (t.detach() for t in inputs(1, 40, 4, 2, 8, torch.float64))
+    with pytest.raises(ValueError, match=r"backend 'sdpa' runs dense causal attention, not pattern power"):
+        powerattn.sparse_attention(q, k, v, pat, backend="sdpa")
+    full = powerattn.make_pattern("full", block_size=16)
+    lengths = torch.tensor([40], dtype=torch.int32)
+    out = powerattn.decode_attention(q[:, -3:], k, v, full, lengths, backend="sdpa")
+    torch.testing.assert_close(out, dense_reference(q, k, v, full)[:, -3:])
+
+
+@pytest.mark.gpu
+def test_gpu_auto_sends_unpacked_full_to_sdpa_and_it_matches_triton(monkeypatch):
+    from powerattn import ops
+
+    full = powerattn.make_pattern("full", block_size=256)
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in inputs(1, 4000, 32, 8, 64, torch.float32, "cuda"))
+    calls = []
+    dense = ops.dense_attention
+    monkeypatch.setattr(ops, "dense_attention", lambda *a: calls.append(a[3]) or dense(*a))
+    powerattn.sparse_attention(q, k, v, full)
+    cu = torch.tensor([0, 1000, 4000], dtype=torch.int32, device="cuda")
+    powerattn.sparse_attention(q, k, v, full, cu_seqlens=cu)  # packed: auto keeps our kernel
+    assert calls == [None]
+    g = torch.randn_like(q)
+    results = []
+    for backend, c in (("sdpa", None), ("triton", None), ("sdpa", cu), ("triton", cu)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = powerattn.sparse_attention(*leaves, full, cu_seqlens=c, backend=backend)
+        out.backward(g)
+        results.append([out] + [t.grad for t in leaves])
+    for a, b in (results[0:2], results[2:4]):
+        for name, x, y in zip(("out", "dq", "dk", "dv"), a, b):
+            assert rel_err(x, y) < 2e-2, name
+
+
 def test_default_scale_and_explicit_scale():
     pat = powerattn.make_pattern("power", block_size=16)
     q, k, v = (t.detach() for t in inputs(1, 40, 2, 2, 8, torch.float64))

@@ -79,6 +79,7 @@ def test_cfg_job_prints_the_composed_experiment():
     ("data.synthetic.tasks=[passkey,recal]", "data.synthetic.tasks"),
     ("data.synthetic.tasks=[]", "data.synthetic.tasks"),
     ("model.fused_ops=ligre", "model.fused_ops"),
+    ("model.attention_backend=sdpa", "model.attention_backend"),  # the default pattern is sparse
 ])
 def test_bad_values_fail_fast_naming_the_key(override, key):
     composed = _compose(override)

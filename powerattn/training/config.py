@@ -44,7 +44,7 @@ class ModelConfig:
 
     path: str | None = None
     arch: dict[str, Any] | None = None
-    attention_backend: str = "auto"         # auto | triton | flex | torch
+    attention_backend: str = "auto"         # auto | triton | flex | torch | sdpa (pattern=full only)
     activation_checkpointing: Any = False   # True (every layer) or a list of layer indices
     loss_chunk_size: int = 2048             # tokens per lm_head + cross-entropy chunk
     tiled_mlp: int = 0                      # tokens per MLP tile, recomputed in backward (0: untiled)
@@ -226,6 +226,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.path is not None or m.arch is not None, "model", "set model.path (an HF folder) or model.arch")
     _check(m.attention_backend in BACKENDS, "model.attention_backend",
            f"{m.attention_backend!r} is not one of {BACKENDS}")
+    _check(m.attention_backend != "sdpa" or cfg.pattern.get("name") == "full", "model.attention_backend",
+           "sdpa runs dense attention only: use it with pattern=full (auto sends dense layers to SDPA on GPUs)")
     _check(m.fused_ops in FUSED_OPS, "model.fused_ops", f"{m.fused_ops!r} is not one of {FUSED_OPS}")
     _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", "must be >= 1")
     _check(m.tiled_mlp >= 0, "model.tiled_mlp", "must be >= 0 (tokens per tile; 0: untiled)")
