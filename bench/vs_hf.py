@@ -101,7 +101,7 @@ def build_hf(config: LlamaConfig, liger: bool, device: torch.device, dtype: torc
     hf_config.use_cache = False
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
-    model.to(dtype).train()
+    model.to(device=device, dtype=dtype).train()
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
