@@ -230,7 +230,8 @@ def test_gpu_model_fused_matches_eager_in_bf16(tied):
     ids, targets, docs = packed_batch(700, 1000, dev)
     runs = {}
     for ops_, dtype in (("none", torch.float32), ("none", torch.bfloat16), ("liger", torch.bfloat16)):
-        model = LlamaForCausalLM(LlamaConfig(**cfg, fused_ops=ops_), init_weights=False).to(dev)
+        # Attention through SDPA in all three (one call per document), so only the fused ops differ.
+        model = LlamaForCausalLM(LlamaConfig(**cfg, fused_ops=ops_), None, None, "sdpa", init_weights=False).to(dev)
         model.load_state_dict(ref.state_dict())
         model.to(dtype).train()
         out = model.loss(ids, targets, docs)
