@@ -201,16 +201,15 @@ def test_gpu_ops_match_eager_in_bf16():
         "silu_mul": (lambda t, ops: (fused.silu_mul(t[0] * 1, t[1] * 1, ops),), (gate, up)),
     }
     for name, (fn, inputs) in ops.items():
-        results = {}
+        results = []
         for ops_, dtype in (("none", torch.float32), ("none", torch.bfloat16), ("liger", torch.bfloat16)):
-            leaves = [t.to(dtype).requires_grad_() for t in inputs]
+            leaves = [t.detach().to(dtype).clone().requires_grad_() for t in inputs]
             outs = fn(leaves, ops_)
             seeded = torch.Generator(dev).manual_seed(1)
             grads = [torch.randn(o.shape, device=dev, generator=seeded).to(o.dtype) for o in outs]
             torch.autograd.backward(outs, grads)
-            results[(ops_, dtype)] = [o.float() for o in outs] + [t.grad.float() for t in leaves]
-        ref, eager, liger = (results[k] for k in (("none", torch.float32), ("none", torch.bfloat16),
-                                                   ("liger", torch.bfloat16)))
+            results.append([o.float() for o in outs] + [t.grad.float() for t in leaves])
+        ref, eager, liger = results
         for i, (f, e, r) in enumerate(zip(liger, eager, ref)):
             _close_as_eager(f, e, r, f"{name}[{i}]")
 
@@ -228,7 +227,7 @@ def test_gpu_model_fused_matches_eager_in_bf16(tied):
     torch.manual_seed(0)
     ref = LlamaForCausalLM(LlamaConfig(**cfg, fused_ops="none")).to(dev).train()
     ids, targets, docs = packed_batch(700, 1000, dev)
-    runs = {}
+    runs = []
     for ops_, dtype in (("none", torch.float32), ("none", torch.bfloat16), ("liger", torch.bfloat16)):
         # Attention through SDPA in all three (one call per document), so only the fused ops differ.
         model = LlamaForCausalLM(LlamaConfig(**cfg, fused_ops=ops_), None, None, "sdpa", init_weights=False).to(dev)
@@ -239,8 +238,8 @@ def test_gpu_model_fused_matches_eager_in_bf16(tied):
         with torch.no_grad():
             logits = model(ids, cu_seqlens=docs.cu_seqlens.cpu()).float()
         grads = {n: p.grad.float() for n, p in model.named_parameters()}
-        runs[(ops_, dtype)] = (out, logits, grads)
-    (r_out, r_logits, r_grads), (e_out, e_logits, e_grads), (f_out, f_logits, f_grads) = runs.values()
+        runs.append((out, logits, grads))
+    (r_out, r_logits, r_grads), (e_out, e_logits, e_grads), (f_out, f_logits, f_grads) = runs
     assert f_out.num_targets.item() == e_out.num_targets.item() == int((targets != IGNORE_INDEX).sum())
     assert f_out.loss_sum.dtype == torch.float32
     _close_as_eager(f_out.loss_sum[None], e_out.loss_sum[None], r_out.loss_sum[None], "loss_sum", floor=1e-3)
