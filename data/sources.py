@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from data import groups
@@ -196,17 +197,21 @@ def tokenize_source(
         return _prepared_sources(src, name, target, tokenizer)
     field = src.text_field or text_field
     store_dir = cache_dir / "tokenized" / f"{name}-{_cache_key(kind, target, src, field, tokenizer)}"
-    hit = groups.is_complete(store_dir) if src.group_by else TokenStore.is_complete(store_dir)
-    if hit:
-        log.info("data source %r: tokenised cache hit %s", name, store_dir)
-    resolved = (kind, target)
-    if src.group_by:
-        stores = groups.open_groups(store_dir) if hit else build_groups(
+    (cache_dir / "locks").mkdir(parents=True, exist_ok=True)
+    # Runs side by side (bench/pattern_study.py --jobs, two jobs on one node) share the cache: one
+    # builds it, the others wait here and then hit it; two builders would delete each other's files.
+    with FileLock(cache_dir / "locks" / f"{store_dir.name}.lock"):
+        hit = groups.is_complete(store_dir) if src.group_by else TokenStore.is_complete(store_dir)
+        if hit:
+            log.info("data source %r: tokenised cache hit %s", name, store_dir)
+        resolved = (kind, target)
+        if src.group_by:
+            stores = groups.open_groups(store_dir) if hit else build_groups(
+                src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved)
+            return _group_sources(src, name, stores)
+        store = TokenStore(store_dir) if hit else build_store(
             src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved)
-        return _group_sources(src, name, stores)
-    store = TokenStore(store_dir) if hit else build_store(
-        src, tokenizer, store_dir, field, num_proc, cache_dir / "hf", resolved)
-    return [_source(src, name, store)]
+        return [_source(src, name, store)]
 
 
 def check_source(

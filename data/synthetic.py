@@ -8,7 +8,7 @@ question ending in the answer prefix, and the answer. The same spec renders two 
 Tasks: `passkey`, `niah_multikey` (multi-key needle in a haystack), `variable_tracking`.
 Training documents (`training_document`) are those tasks rendered as text, plus two for a copying
 signal dense enough to learn from: `recall` (many keyed pass keys, each asked once later) and `repeat`
-(filler whose sentences recur verbatim).
+(lists of random words that recur verbatim).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from data.filler import Filler
+from data.filler import ADJECTIVES, ADVERBS, NOUNS, PLACES, VERBS_I, VERBS_T, Filler
 
 if TYPE_CHECKING:  # the config check imports this module and needs no sentencepiece
     from data.tokenizer import Tokenizer
@@ -118,6 +118,9 @@ class TaskSpec:
     def score(self, prediction: str) -> float:
         """Fraction of the answer items present in `prediction` (RULER's string_match_all)."""
         return sum(item in prediction for item in self.answer_items) / len(self.answer_items)
+
+
+_LIST_WORDS = sorted({*ADJECTIVES, *NOUNS, *VERBS_T, *VERBS_I, *ADVERBS, *PLACES})
 
 
 def _digits(r: random.Random, n: int) -> str:
@@ -255,19 +258,20 @@ def recall_text(seed: int, num_sentences: int, sentences_per_fact: int = 8, digi
 
 
 def repeat_text(seed: int, num_sentences: int, repeat_fraction: float = 0.5) -> str:
-    """Filler in which each sentence after the first is, with `repeat_fraction`, a verbatim copy of a
-    random earlier one: a training document only. About half its tokens can be predicted only by
-    finding the earlier copy and reading on from it, the induction-head mechanism every retrieval task
-    here rests on, at distances from one sentence to the whole document."""
+    """Lists of random words, each after the first a verbatim copy of an earlier list with probability
+    `repeat_fraction`: a training document only. A fresh word costs ~4.6 nats and a copied one nearly
+    nothing once the copy is found, so the model is pushed hard towards induction heads (find the earlier
+    occurrence, read on from it), the mechanism every retrieval task here rests on. Copies of grammatical
+    sentences were too predictable to teach it (docs/study.md, run 4)."""
     r = random.Random(f"repeat-{seed}")
-    source = iter(Filler(r.randrange(2**31)).sentences(num_sentences))
     fresh: list[str] = []
     out = []
     for _ in range(num_sentences):
         if fresh and r.random() < repeat_fraction:
             out.append(r.choice(fresh))  # among the originals: copies do not breed copies
         else:
-            fresh.append(next(source))
+            words = [r.choice(_LIST_WORDS) for _ in range(r.randint(8, 16))]
+            fresh.append(" ".join(words).capitalize() + ".")
             out.append(fresh[-1])
     return " ".join(out)
 

@@ -3,6 +3,9 @@ streaming, num_proc, errors (missing paths vs hub ids), default data."""
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +75,28 @@ def test_cache_hit_on_second_run(tok, tmp_path, monkeypatch):
     _jsonl(f, TEXTS[:10])  # the file changed: new key, re-tokenised
     (third,) = tokenize_source(SourceConfig(path=str(f)), tok, tmp_path / "c")
     assert third.store.path != first.store.path and third.store.num_docs == 10
+
+
+def test_side_by_side_runs_build_the_cache_once(tok, tmp_path):
+    f, log = _jsonl(tmp_path / "d.jsonl", TEXTS), tmp_path / "builds.log"
+    script = (
+        "import time, data.sources as s\n"
+        "from data.config import SourceConfig\nfrom data.tokenizer import Tokenizer\n"
+        "build = s.build_store\n"
+        "def slow(*a, **k):\n"
+        f"    open({str(log)!r}, 'a').write('build\\n'); time.sleep(1.5); return build(*a, **k)\n"
+        "s.build_store = slow\n"
+        f"(src,) = s.tokenize_source(SourceConfig(path={str(f)!r}), Tokenizer({str(tok.path)!r}), "
+        f"{str(tmp_path / 'c')!r}, num_proc=2)\n"
+        "print(src.store.num_docs)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert [o.strip() for o, _ in outs] == [str(len(TEXTS))] * 2
+    assert log.read_text() == "build\n"  # the second waited for the first, then hit its cache
 
 
 def test_num_proc_and_streaming_agree(tok, tmp_path):

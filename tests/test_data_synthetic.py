@@ -5,7 +5,16 @@ import re
 import pytest
 
 from data.filler import Filler
-from data.synthetic import TASKS, make_task, niah_multikey, passkey, recall_text, repeat_text, training_document, variable_tracking
+from data.synthetic import (
+    TASKS,
+    make_task,
+    niah_multikey,
+    passkey,
+    recall_text,
+    repeat_text,
+    training_document,
+    variable_tracking,
+)
 from data.tokenizer import train_tokenizer
 
 
@@ -115,8 +124,8 @@ def test_errors(tok):
 
 def test_recall_asks_every_fact_once_after_it_with_its_key():
     text = recall_text(7, 160)
-    facts = [(m.start(), m.group(1), m.group(2)) for m in
-             re.finditer(r"The pass key of ([a-z]+-[a-z]+) is (\d{5})\. Remember it\. \2 is the pass key of \1\.", text)]
+    fact = r"The pass key of ([a-z]+-[a-z]+) is (\d{5})\. Remember it\. \2 is the pass key of \1\."
+    facts = [(m.start(), m.group(1), m.group(2)) for m in re.finditer(fact, text)]
     asked = [(m.start(), m.group(1), m.group(2)) for m in
              re.finditer(r"What is the pass key of ([a-z]+-[a-z]+)\? The pass key of \1 is (\d{5})\.", text)]
     assert len(facts) == len(asked) == 160 // 8
@@ -129,9 +138,10 @@ def test_recall_asks_every_fact_once_after_it_with_its_key():
     assert _passkey_of(training_document("passkey", 3, 20)) == passkey(3).answer
 
 
-def test_repeat_copies_half_of_its_sentences_from_earlier_ones():
+def test_repeat_copies_half_of_its_lists_from_earlier_ones():
     sentences = re.findall(r"[A-Z][^.]*\.", repeat_text(5, 400))
     assert len(sentences) == 400 and not re.search(r"\d", " ".join(sentences))
+    assert all(8 <= len(s.split()) <= 16 for s in sentences)
     copies = sum(s in sentences[:i] for i, s in enumerate(sentences))
-    assert 0.4 < copies / 400 < 0.6  # fresh sentences from the grammar rarely collide
+    assert 0.4 < copies / 400 < 0.6  # fresh random lists never collide
     assert repeat_text(5, 400) == training_document("repeat", 5, 400) != repeat_text(6, 400)
