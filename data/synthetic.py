@@ -13,6 +13,7 @@ signal dense enough to learn from: `recall` (many keyed pass keys, each asked on
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections.abc import Callable
@@ -268,7 +269,10 @@ def repeat_text(seed: int, num_sentences: int, repeat_fraction: float = 0.5) -> 
     out = []
     for _ in range(num_sentences):
         if fresh and r.random() < repeat_fraction:
-            out.append(r.choice(fresh))  # among the originals: copies do not breed copies
+            # Log-uniform distance back among the originals: near copies make the mechanism easy to
+            # find (uniform distances left a model with none after 3M tokens), far ones stretch it.
+            back = int(math.exp(r.uniform(0.0, math.log(len(fresh) + 1))))
+            out.append(fresh[-min(max(back, 1), len(fresh))])
         else:
             words = [r.choice(_LIST_WORDS) for _ in range(r.randint(8, 16))]
             fresh.append(" ".join(words).capitalize() + ".")
