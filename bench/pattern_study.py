@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
 
+    from omegaconf import OmegaConf
+
+    from data import load_tokenizer
+    from data.config import as_data_config
+
     base = [f"+experiment={EXPERIMENT}", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
     cfg = compose(base)  # a bad override fails here, before any training
     ev = dict(SMOKE_EVAL if args.smoke else EVAL)
@@ -337,19 +342,18 @@ def main(argv: list[str] | None = None) -> None:
              "smoke": args.smoke, "eval": ev, "patterns": {},
              "model": {"layers": cfg.model.arch.num_hidden_layers, "hidden_size": cfg.model.arch.hidden_size,
                        "block_size": cfg.pattern.block_size,
-                       "stages": [dict(s) for s in cfg.curriculum.stages]}}
-
-    from omegaconf import OmegaConf
-
-    from data import load_tokenizer
-    from data.config import as_data_config
+                       "stages": [dict(s) for s in cfg.curriculum.stages]},
+             # The recipe as trained (the experiment file changes between runs; the JSON must not).
+             "recipe": {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "optim", "batch")}}
 
     if args.merge:
         for i, f in enumerate(args.merge):
             part = json.loads(Path(f).read_text())
             if i == 0:  # the recipe, eval grid and device of the runs, not of the merging machine
-                study.update({k: part[k] for k in ("environment", "overrides", "eval", "model", "smoke")})
-            elif (part["overrides"], part["eval"]) != (study["overrides"], study["eval"]):
+                study.update({k: part.get(k) for k in ("environment", "overrides", "eval", "model", "smoke",
+                                                       "recipe")})
+            elif [part.get(k) for k in ("overrides", "eval", "recipe")] != [study[k] for k in
+                                                                           ("overrides", "eval", "recipe")]:
                 p.error(f"--merge: {f} ran another recipe or eval grid than {args.merge[0]}")
             study["patterns"].update(part["patterns"])
     else:

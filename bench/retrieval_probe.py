@@ -4,6 +4,11 @@
                                                       # passkey questions whose needle is in the same segment
     python bench/retrieval_probe.py answer-nll CKPT --length 512 --prompts 30  # teacher-forced NLL of the
                                                       # passkey answer tokens (chance ~1.9 nats) + exact match
+    python bench/retrieval_probe.py copying CKPT      # does the model copy? NLL of a sequence's first and
+                                                      # second occurrence: filler sentences over gaps of
+                                                      # 0-1000 tokens, random token sequences
+    python bench/retrieval_probe.py induction-ab --steps 300  # a 2-layer model learning to copy random
+                                                      # tokens: ours against transformers' LLaMA, same data
 
 `answerable` reads the loader's own batches (40 batches of 64K tokens a stage), so packing, splitting
 of long documents and the mixture are exactly what training sees.
@@ -71,6 +76,77 @@ def answer_nll(checkpoint: str, length: int, prompts: int) -> None:
           f"teacher-forced exact {exact}/{prompts}")
 
 
+def _nll(model, ids: list[int]):
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = model(x)[0, :-1].float().log_softmax(-1)
+    return -logp.gather(1, x[0, 1:, None])[:, 0]
+
+
+def copying(checkpoint: str, gaps: tuple[int, ...] = (0, 40, 100, 200, 500, 1000), samples: int = 4) -> None:
+    import random
+
+    import torch
+
+    from data.filler import Filler
+    from data.tokenizer import Tokenizer
+    from powerattn.model import from_pretrained
+
+    model = from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tok = Tokenizer.from_pretrained(checkpoint)
+    head = [tok.bos_id] if tok.add_bos else []
+    hay = tok.encode(Filler(3).text(400), bos=False)
+    for gap in gaps:  # a 24-token filler sentence, then `gap` filler tokens, then the sentence again
+        first = second = 0.0
+        for s in range(samples):
+            sent = tok.encode(Filler(100 + s).text(2), bos=False)[:24]
+            ids = head + hay[:64] + sent + hay[64:64 + gap] + sent
+            nll = _nll(model, ids)
+            at = len(head) + 64  # nll[i] scores token i + 1; skip each copy's first 3 tokens
+            first += nll[at + 2:at + len(sent) - 1].mean().item() / samples
+            second += nll[len(ids) - len(sent) + 2:].mean().item() / samples
+        print(f"filler sentence, gap {gap:4d} tokens: {first:.2f} nats/token the first time, {second:.2f} the second")
+    r = random.Random(0)
+    seq = [r.randrange(tok.vocab_size // 4, tok.vocab_size) for _ in range(50)]
+    nll = _nll(model, head + seq + seq)
+    print(f"50 random tokens written twice: {nll[len(head):len(head) + 49].mean():.2f} nats/token the first "
+          f"time, {nll[-49:].mean():.2f} the second")
+
+
+def induction_ab(steps: int, vocab: int = 256, width: int = 128, half: int = 64, batch: int = 32) -> None:
+    """Both models from the same seed on the same batches; a model that copies drives the second half to ~0."""
+    import torch
+    import transformers
+
+    from powerattn.model import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4 * half,
+                 tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(LlamaConfig(**shape))
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    runs = {"ours": (ours, lambda x: ours(x)), "transformers": (hf, lambda x: hf(x).logits)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01) for k, (m, _) in runs.items()}
+    data = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        seq = torch.randint(0, vocab, (batch, half), generator=data)
+        x = torch.cat([seq, seq], 1)
+        line = []
+        for name, (_, forward) in runs.items():
+            logp = forward(x)[:, :-1].log_softmax(-1)
+            nll = -logp.gather(2, x[:, 1:, None])[..., 0]
+            nll.mean().backward()
+            opts[name].step()
+            opts[name].zero_grad()
+            line.append(f"{name} {nll[:, :half - 1].mean():.2f} / {nll[:, half:].mean():.2f}")
+        if step % 50 == 0:
+            print(f"step {step}: first / second half NLL: " + ", ".join(line), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -80,11 +156,19 @@ def main(argv: list[str] | None = None) -> None:
     n.add_argument("checkpoint")
     n.add_argument("--length", type=int, default=512)
     n.add_argument("--prompts", type=int, default=30)
+    c = sub.add_parser("copying")
+    c.add_argument("checkpoint")
+    i = sub.add_parser("induction-ab")
+    i.add_argument("--steps", type=int, default=300)
     args = p.parse_args(argv)
     if args.cmd == "answerable":
         answerable(args.overrides)
-    else:
+    elif args.cmd == "answer-nll":
         answer_nll(args.checkpoint, args.length, args.prompts)
+    elif args.cmd == "copying":
+        copying(args.checkpoint)
+    else:
+        induction_ab(args.steps)
 
 
 if __name__ == "__main__":

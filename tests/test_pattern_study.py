@@ -51,6 +51,11 @@ def test_smoke_study_runs_every_pattern(tmp_path):
     done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path / "x"), "--merge",
                            str(part), str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "another recipe or eval grid" in done.stderr
+    assert study["recipe"]["optim"]["lr"] > 0 and study["recipe"]["data"]["synthetic"]["tasks"]
+    other.write_text(json.dumps({**study, "recipe": {**study["recipe"], "optim": {"lr": 1.0}}}))
+    done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path / "y"), "--merge",
+                           str(part), str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "another recipe or eval grid" in done.stderr
 
 
 def test_predict_needs_no_training(tmp_path):
