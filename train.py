@@ -41,7 +41,7 @@ def main(composed: DictConfig) -> None:
 def train(composed: DictConfig, received: list[int]) -> None:
     # Imported here, not at the top, so that Hydra rejects a mistyped key or group in ~0.5 s
     # instead of after ~2 s of importing torch and DeepSpeed.
-    from data import build_loader
+    from powerattn.data import build_loader
     from powerattn.training import (
         Checkpointer,
         ConfigError,

@@ -112,7 +112,7 @@ ONE_B=(model=llama3_1b model.attention_backend=triton pattern.block_size=256 cur
 
 default_tok() {  # the embedded default tokenizer, built on first use (sentencepiece cannot be fitted to the
     # benchmark's documents, which have no line breaks)
-    python -c "from data import default_tokenizer; print(default_tokenizer('.cache/powerattn_data').path)"
+    python -c "from powerattn.data import default_tokenizer; print(default_tokenizer('.cache/powerattn_data').path)"
 }
 
 # The two-GPU checks (`gpu_train.sh OUT 2gpu`); TOK must hold default_tok's path. Documents: ~210K tokens.

@@ -32,8 +32,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.filler import Filler  # noqa: E402
 from powerattn.atomic import replace_dir  # noqa: E402
+from powerattn.data.filler import Filler  # noqa: E402
 from powerattn.dtypes import to_dtype  # noqa: E402
 from powerattn.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from powerattn.model.llama import LMHead, RMSNorm  # noqa: E402

@@ -69,7 +69,7 @@ def prepare_data(cfg) -> None:
     """Build the corpus, tokenizer and token cache once, before trainings start side by side."""
     from omegaconf import OmegaConf
 
-    from data import build_loader
+    from powerattn.data import build_loader
 
     build_loader(OmegaConf.to_container(cfg.data, resolve=True))
 
@@ -119,7 +119,7 @@ def _median(xs: list[float]) -> float | None:
 
 def needle_blocks(tokenizer, lengths, depths, samples: int, seed: int) -> dict:
     """Token span of the needle in every eval prompt, built exactly as eval.py's passkey grid builds it."""
-    from data.synthetic import passkey
+    from powerattn.data.synthetic import passkey
     from powerattn.evaluation.passkey import cell_seed
 
     spans = {}
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from data import load_tokenizer
-    from data.config import as_data_config
+    from powerattn.data import load_tokenizer
+    from powerattn.data.config import as_data_config
 
     base = [f"+experiment={EXPERIMENT}", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
     cfg = compose(base)  # a bad override fails here, before any training

@@ -32,7 +32,7 @@ def answerable(overrides: list[str], batches: int = 40, tokens: int = 65536) -> 
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from data import build_loader
+    from powerattn.data import build_loader
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "configs"),
                                version_base="1.3"):
@@ -56,8 +56,8 @@ def answerable(overrides: list[str], batches: int = 40, tokens: int = 65536) -> 
 def answer_nll(checkpoint: str, length: int, prompts: int) -> None:
     import torch
 
-    from data.synthetic import passkey
-    from data.tokenizer import Tokenizer
+    from powerattn.data.synthetic import passkey
+    from powerattn.data.tokenizer import Tokenizer
     from powerattn.model import from_pretrained
 
     model = from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -90,8 +90,8 @@ def copying(checkpoint: str, gaps: tuple[int, ...] = (0, 40, 100, 200, 500, 1000
 
     import torch
 
-    from data.filler import Filler
-    from data.tokenizer import Tokenizer
+    from powerattn.data.filler import Filler
+    from powerattn.data.tokenizer import Tokenizer
     from powerattn.model import from_pretrained
 
     model = from_pretrained(checkpoint, dtype=torch.float32).eval()

@@ -1,8 +1,10 @@
-"""powerattn: long-context continued pretraining with PowerAttention block-sparse attention."""
+"""powerattn: long-context continued pretraining with PowerAttention block-sparse attention.
 
-from powerattn.ops import decode_attention, sparse_attention
-from powerattn.patterns import BlockTables, Pattern, make_pattern, pattern_names, register
-from powerattn.receptive_field import ReceptiveField, receptive_field
+The public names load on first use, so `import powerattn.data.config` (config checks) does not import torch.
+"""
+
+from powerattn.lazy import lazy_exports
+from powerattn.receptive_field import ReceptiveField, receptive_field  # shares its module's name: loaded now
 
 __all__ = [
     "BlockTables",
@@ -16,3 +18,8 @@ __all__ = [
     "sparse_attention",
 ]
 __version__ = "0.1.0"
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "decode_attention": "ops", "sparse_attention": "ops",
+    "BlockTables": "patterns", "Pattern": "patterns", "make_pattern": "patterns", "pattern_names": "patterns",
+    "register": "patterns",
+})

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from powerattn.atomic import save_figure
-from powerattn.patterns import Pattern, make_pattern, pattern_names
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from powerattn.patterns import Pattern
+
+# torch and the patterns load on first use: `import powerattn` imports this module (its name is also
+# the function's, so it cannot be a lazy export) and must stay light for config checks before torch.
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class ReceptiveField:
 
 def receptive_field(pattern: Pattern, seq_len: int, layers: int) -> ReceptiveField:
     """Breadth-first search from the last block over `layers` hops of the pattern's block DAG."""
+    import torch
+
     if layers < 1:
         raise ValueError(f"receptive_field: layers must be >= 1, got {layers}")
     t = pattern.tables(seq_len)
@@ -91,6 +98,8 @@ def plot(fields: dict[str, ReceptiveField], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from powerattn.patterns import make_pattern, pattern_names
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pattern", action="append", choices=pattern_names() + ["all"],
                         help="pattern name (repeatable); default: all, with the paper's parameters")

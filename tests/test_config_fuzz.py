@@ -132,7 +132,7 @@ def test_cli_user_errors_are_one_line_before_anything_exists(tmp_path):
         assert expected in line, line
         assert time.time() - start < 20 and not out.exists()
     # A local data path that does not exist.
-    from data import default_tokenizer
+    from powerattn.data import default_tokenizer
 
     tok = default_tokenizer(tmp_path / "cache")
     proc = run([sys.executable, "train.py", f"data.tokenizer={tok.path}", f"output_dir={out}",

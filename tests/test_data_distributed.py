@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data.build import build_loader
-from data.config import DataConfig, SyntheticConfig
+from powerattn.data.build import build_loader
+from powerattn.data.config import DataConfig, SyntheticConfig
 
 
 def _worker(rank, world, tmp, out):

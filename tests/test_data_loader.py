@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import PackedLoader, Source
-from data.store import write_store
+from powerattn.data.loader import PackedLoader, Source
+from powerattn.data.store import write_store
 
 
 def _store(path, n_docs, lo, hi, base, seed=0):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import PackedLoader, Source
-from data.packing import IGNORE_INDEX, collate, flatten_batch, iter_packed
-from data.store import write_store
+from powerattn.data.loader import PackedLoader, Source
+from powerattn.data.packing import IGNORE_INDEX, collate, flatten_batch, iter_packed
+from powerattn.data.store import write_store
 from powerattn.reference import document_positions
 from powerattn.training.microbatch import make_microbatch
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import SourceConfig
-from data.filler import Filler
-from data.loader import PackedLoader
-from data.prepare import main
-from data.sources import tokenize_source
-from data.tokenizer import train_tokenizer
+from powerattn.data.config import SourceConfig
+from powerattn.data.filler import Filler
+from powerattn.data.loader import PackedLoader
+from powerattn.data.prepare import main
+from powerattn.data.sources import tokenize_source
+from powerattn.data.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,13 @@ def _run(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "data.prepare", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module", ["data.prepare", "powerattn.data.prepare"])
+def test_checkout_and_installed_entry_points(module):
+    # data/prepare.py is a shim for a checkout; an installed powerattn has only powerattn.data.prepare.
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"usage: python -m {module} " in r.stdout, r.stderr
 
 
 def test_prepare_cli_end_to_end(corpus):

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data.sources as sources_mod
-from data.build import build_loader
-from data.config import DataConfig, SourceConfig, SyntheticConfig
-from data.default import default_corpus, default_tokenizer
-from data.filler import Filler
-from data.sources import load_sources, tokenize_source
-from data.tokenizer import train_tokenizer
+import powerattn.data.sources as sources_mod
+from powerattn.data.build import build_loader
+from powerattn.data.config import DataConfig, SourceConfig, SyntheticConfig
+from powerattn.data.default import default_corpus, default_tokenizer
+from powerattn.data.filler import Filler
+from powerattn.data.sources import load_sources, tokenize_source
+from powerattn.data.tokenizer import train_tokenizer
 
 TEXTS = [Filler(i).text(1 + i % 9) for i in range(60)]
 
@@ -80,8 +80,8 @@ def test_cache_hit_on_second_run(tok, tmp_path, monkeypatch):
 def test_side_by_side_runs_build_the_cache_once(tok, tmp_path):
     f, log = _jsonl(tmp_path / "d.jsonl", TEXTS), tmp_path / "builds.log"
     script = (
-        "import time, data.sources as s\n"
-        "from data.config import SourceConfig\nfrom data.tokenizer import Tokenizer\n"
+        "import time, powerattn.data.sources as s\n"
+        "from powerattn.data.config import SourceConfig\nfrom powerattn.data.tokenizer import Tokenizer\n"
         "build = s.build_store\n"
         "def slow(*a, **k):\n"
         f"    open({str(log)!r}, 'a').write('build\\n'); time.sleep(1.5); return build(*a, **k)\n"
@@ -138,7 +138,7 @@ def test_clear_errors(tok, tmp_path):
 def test_config_from_yaml_and_typos():
     from omegaconf import OmegaConf
 
-    from data.config import as_data_config
+    from powerattn.data.config import as_data_config
 
     yaml = "seq_len: 8192\nsources: [{path: /d/web, weight: 2, upsample_min_tokens: 4096}]"
     cfg = as_data_config(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(yaml)))
@@ -223,13 +223,13 @@ def test_compressed_jsonl(tok, tmp_path, ext):
 def test_slimpajama_layout_through_its_config(tok, tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from data.config import as_data_config
-    from data.loader import PackedLoader
+    from powerattn.data.config import as_data_config
+    from powerattn.data.loader import PackedLoader
 
     by_set = slimpajama_layout(tmp_path / "SlimPajama-627B")
     monkeypatch.setenv("POWERATTN_DATA", str(tmp_path))  # the config's default root
     monkeypatch.delenv("SLIMPAJAMA", raising=False)
-    yaml = OmegaConf.load(sources_mod.__file__.replace("data/sources.py", "configs/data/slimpajama.yaml"))
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/data/slimpajama.yaml")
     yaml.tokenizer, yaml.cache_dir = tok.path, str(tmp_path / "cache")
     cfg = as_data_config(yaml)
     srcs = load_sources(cfg, tok)
@@ -265,7 +265,7 @@ def test_group_by_errors(tok, tmp_path):
         cfg = SourceConfig(path=str(f), group_by="meta.set", streaming=streaming)
         with pytest.raises(ValueError, match=r"group_by field 'meta.set' not found; columns are \['text', 'n'\]"):
             tokenize_source(cfg, tok, tmp_path / "c")
-    from data.sources import check_source
+    from powerattn.data.sources import check_source
 
     with pytest.raises(ValueError, match="group_by field 'n.x' not found in the first document"):
         check_source(SourceConfig(path=str(f), group_by="n.x"))

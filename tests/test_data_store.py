@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.store import StoreWriter, TokenStore, write_store
+from powerattn.data.store import StoreWriter, TokenStore, write_store
 
 
 def test_round_trip_and_dtypes(tmp_path):

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from data.filler import Filler
-from data.synthetic import (
+from powerattn.data.filler import Filler
+from powerattn.data.synthetic import (
     TASKS,
     make_task,
     niah_multikey,
@@ -15,7 +15,7 @@ from data.synthetic import (
     training_document,
     variable_tracking,
 )
-from data.tokenizer import train_tokenizer
+from powerattn.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

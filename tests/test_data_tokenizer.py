@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from data.filler import Filler
-from data.tokenizer import Tokenizer, encode_documents, train_tokenizer
+from powerattn.data.filler import Filler
+from powerattn.data.tokenizer import Tokenizer, encode_documents, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +129,8 @@ def test_hf_errors_name_the_problem(tmp_path):
 
 
 def test_hf_tokenizer_through_the_source_pipeline(tmp_path):
-    from data.config import SourceConfig
-    from data.sources import tokenize_source
+    from powerattn.data.config import SourceConfig
+    from powerattn.data.sources import tokenize_source
 
     t = Tokenizer.from_pretrained(hf_folder(tmp_path / "m", LLAMA3))
     texts = [Filler(i).text(1 + i % 5) for i in range(30)]
@@ -145,7 +145,7 @@ def test_hf_tokenizer_through_the_source_pipeline(tmp_path):
 def test_eval_prompts_read_as_spaced_text(style, tok, tmp_path):
     # Prompts are assembled from separately encoded sentences; with either tokenizer kind they must
     # decode to text whose sentences are separated by spaces, as the model saw in training.
-    from data.synthetic import passkey
+    from powerattn.data.synthetic import passkey
 
     t = tok if style == "sentencepiece" else Tokenizer.from_pretrained(hf_folder(tmp_path / "m", LLAMA3))
     prompt = passkey(3, depth=0.5).to_tokens(t, 300)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data import IGNORE_INDEX, default_tokenizer, flatten_batch, iter_packed, write_store
 from powerattn import make_pattern, receptive_field
+from powerattn.data import IGNORE_INDEX, default_tokenizer, flatten_batch, iter_packed, write_store
 from powerattn.evaluation.coverage import layered_coverage
 from powerattn.evaluation.perplexity import run_perplexity
 from powerattn.evaluation.runner import SCHEMA, run

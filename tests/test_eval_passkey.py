@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from data import default_tokenizer
 from powerattn import make_pattern
+from powerattn.data import default_tokenizer
 from powerattn.evaluation import passkey_grid, passkey_match, quick_passkey
 from powerattn.evaluation.generation import length_batches
 from powerattn.evaluation.passkey import resolve_depths

@@ -15,8 +15,8 @@ pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install
 pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate: pip install 'lm-eval[hf]'")
 transformers = pytest.importorskip("transformers")
 
-from data.filler import Filler  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from powerattn.data.filler import Filler  # noqa: E402
+from powerattn.data.tokenizer import Tokenizer  # noqa: E402
 from powerattn.model import from_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

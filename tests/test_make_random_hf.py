@@ -56,7 +56,7 @@ def test_loads_in_powerattn_and_transformers_with_the_same_outputs(tiny):
 
 def test_tokenizer_matches_the_vocabulary_and_llama3_layout(tiny):
     transformers = pytest.importorskip("transformers")
-    from data.tokenizer import Tokenizer
+    from powerattn.data.tokenizer import Tokenizer
 
     config = json.loads((tiny / "config.json").read_text())
     ours = Tokenizer.from_pretrained(tiny)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data import DataConfig, SyntheticConfig, build_loader
+from powerattn.data import DataConfig, SyntheticConfig, build_loader
 from powerattn.model import LlamaConfig, LlamaForCausalLM
 
 UMASK = 0o027
@@ -44,7 +44,7 @@ def test_model_folders_caches_and_prepared_data_follow_the_umask(tmp_path, umask
     for folder in [cache / "synthetic", *stores]:
         assert _modes(folder) == ({0o750}, {0o640}), folder
 
-    from data.prepare import main as prepare
+    from powerattn.data.prepare import main as prepare
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(5)))

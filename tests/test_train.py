@@ -156,7 +156,7 @@ def test_hf_tokenizer_json_trains_and_ships_with_the_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     from test_data_tokenizer import LLAMA3, hf_folder
 
-    from data.tokenizer import Tokenizer
+    from powerattn.data.tokenizer import Tokenizer
 
     folder = hf_folder(tmp_path / "tok", LLAMA3)
     out = tmp_path / "run"

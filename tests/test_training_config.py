@@ -112,3 +112,12 @@ def test_cli_rejects_a_mistyped_key_before_importing_torch():
     assert proc.returncode != 0 and "lrr" in proc.stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "hydra" in imported and not imported & {"torch", "deepspeed", "datasets"}
+
+
+def test_config_modules_import_without_torch():
+    # Config checks are importable without torch, sentencepiece or datasets: the package __init__s load lazily.
+    code = ("import sys, powerattn.data.config, powerattn.data.synthetic, powerattn.training.config\n"
+            "print(sorted({'torch', 'sentencepiece', 'datasets', 'deepspeed'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=CONFIGS.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from data import collate
+from powerattn.data import collate
 from powerattn.model import LlamaConfig, LlamaForCausalLM, flops_per_token
 from powerattn.patterns import make_pattern
 from powerattn.training.config import ConfigError, OptimConfig, TrainConfig

@@ -53,7 +53,7 @@ def test_a_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
 def _worker(out: Path) -> None:
     import torch.distributed as dist
 
-    from data import collate
+    from powerattn.data import collate
     from powerattn.model import LlamaConfig, LlamaForCausalLM
     from powerattn.training import (
         NonFiniteGuard,

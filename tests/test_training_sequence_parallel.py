@@ -33,7 +33,7 @@ def test_ulysses_matches_unsharded_loss_and_gradients():
 
 
 def _batch(seq_len: int, vocab: int) -> dict:
-    from data import collate
+    from powerattn.data import collate
 
     g = torch.Generator().manual_seed(1)
     rows = []
@@ -50,7 +50,7 @@ def _worker() -> None:
     from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
     import powerattn
-    from data import flatten_batch
+    from powerattn.data import flatten_batch
     from powerattn.model import LlamaConfig, LlamaForCausalLM
     from powerattn.training.microbatch import make_microbatch
     from powerattn.training.sequence_parallel import enable_ulysses, ulysses_disabled

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from data.tokenizer import Tokenizer
+from powerattn.data.tokenizer import Tokenizer
 from powerattn.evaluation.passkey import passkey_grid, resolve_depths
 from powerattn.patterns import Pattern, make_pattern, pattern_names
 from powerattn.receptive_field import receptive_field

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
-from data.synthetic import passkey
-from data.tokenizer import Tokenizer
+from powerattn.data.synthetic import passkey
+from powerattn.data.tokenizer import Tokenizer
 from powerattn.evaluation.generation import greedy_continuations
 
 _DIGITS = re.compile(r"\d+")

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from data.config import SourceConfig, SyntheticConfig
-from data.default import default_corpus
-from data.packing import flatten_batch, iter_packed
-from data.sources import tokenize_source
-from data.store import TokenStore
-from data.tokenizer import Tokenizer
+from powerattn.data.config import SourceConfig, SyntheticConfig
+from powerattn.data.default import default_corpus
+from powerattn.data.packing import flatten_batch, iter_packed
+from powerattn.data.sources import tokenize_source
+from powerattn.data.store import TokenStore
+from powerattn.data.tokenizer import Tokenizer
 from powerattn.evaluation.generation import eval_mode, model_device, unwrap
 from powerattn.evaluation.passkey import check_lengths
 from powerattn.model.context import find_documents

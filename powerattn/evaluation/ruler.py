@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from data.synthetic import TASKS, make_task
-from data.tokenizer import Tokenizer
+from powerattn.data.synthetic import TASKS, make_task
+from powerattn.data.tokenizer import Tokenizer
 from powerattn.evaluation.generation import greedy_continuations
 from powerattn.evaluation.passkey import cell_seed, check_lengths
 

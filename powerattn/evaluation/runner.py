@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from data.synthetic import make_task, passkey
-from data.tokenizer import Tokenizer
 from powerattn.atomic import atomic_write
+from powerattn.data.synthetic import make_task, passkey
+from powerattn.data.tokenizer import Tokenizer
 from powerattn.dtypes import DTYPES
 from powerattn.evaluation import plots
 from powerattn.evaluation.coverage import run_receptive_field

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.config import DataConfig, SourceConfig
+from powerattn.data.config import DataConfig, SourceConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -323,7 +323,7 @@ def validate_data(d: DataConfig) -> None:
         _check(1 <= s.min_sentences <= s.max_sentences, "data.synthetic",
                f"needs 1 <= min_sentences <= max_sentences, got {s.min_sentences} and {s.max_sentences}")
         _check(0 <= s.task_fraction <= 1, "data.synthetic.task_fraction", "must lie in [0, 1]")
-        from data.synthetic import DOCUMENT_TASKS
+        from powerattn.data.synthetic import DOCUMENT_TASKS
 
         bad = [t for t in s.tasks if t not in DOCUMENT_TASKS]
         _check(bool(s.tasks) and not bad, "data.synthetic.tasks",

@@ -36,7 +36,7 @@ class MicroBatch:
 
 
 def make_microbatch(batch: dict, sp_rank: int = 0, sp_size: int = 1) -> MicroBatch:
-    """A loader batch (data/packing.py format) as the host-side input of sequence-parallel rank sp_rank."""
+    """A loader batch (powerattn/data/packing.py format) as the host-side input of sequence-parallel rank sp_rank."""
     b, s = batch["input_ids"].shape
     if sp_size < 1 or not 0 <= sp_rank < sp_size:
         raise ValueError(f"make_microbatch: bad sp_rank={sp_rank} / sp_size={sp_size}")

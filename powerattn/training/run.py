@@ -49,8 +49,8 @@ def check_inputs(cfg: TrainConfig, layout: Layout) -> None:
     """Everything the run will read exists and fits, checked before any process group, folder or weights:
     the model folder, the tokenizer, local data paths, and the checkpoint a resume would continue (its
     config, its layout, its file sizes). Raises ConfigError with one line that names the value."""
-    from data.sources import resolve, source_name
-    from data.tokenizer import Tokenizer
+    from powerattn.data.sources import resolve, source_name
+    from powerattn.data.tokenizer import Tokenizer
     from powerattn.training.modeling import check_model
 
     m = cfg.model

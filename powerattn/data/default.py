@@ -14,11 +14,11 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from data.config import DataConfig, SourceConfig, SyntheticConfig
-from data.filler import Filler
-from data.synthetic import training_document
-from data.tokenizer import Tokenizer, train_tokenizer
 from powerattn.atomic import atomic_write
+from powerattn.data.config import DataConfig, SourceConfig, SyntheticConfig
+from powerattn.data.filler import Filler
+from powerattn.data.synthetic import training_document
+from powerattn.data.tokenizer import Tokenizer, train_tokenizer
 
 GENERATOR_VERSION = 1
 _TOKENIZER_DOCS = 1000  # documents the default tokenizer is fitted on (plenty for its small vocabulary)

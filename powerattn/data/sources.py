@@ -24,12 +24,12 @@ from typing import Any
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from data import groups
-from data.config import DataConfig, SourceConfig, as_data_config
-from data.groups import group_values
-from data.loader import Source
-from data.store import StoreWriter, TokenStore
-from data.tokenizer import Tokenizer, encode_documents
+from powerattn.data import groups
+from powerattn.data.config import DataConfig, SourceConfig, as_data_config
+from powerattn.data.groups import group_values
+from powerattn.data.loader import Source
+from powerattn.data.store import StoreWriter, TokenStore
+from powerattn.data.tokenizer import Tokenizer, encode_documents
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def build_groups(
     src: SourceConfig, tokenizer: Tokenizer, out_dir: str | os.PathLike, text_field: str = "text",
     num_proc: int = 1, hf_cache_dir: str | os.PathLike | None = None, resolved: tuple[str, Any] | None = None,
 ) -> dict[str, TokenStore]:
-    """As build_store, one store per value of src.group_by, in a grouped folder (see data.groups)."""
+    """As build_store, one store per value of src.group_by, in a grouped folder (see powerattn.data.groups)."""
     if not src.group_by:
         raise ValueError(f"data source {source_name(src)!r} has no group_by")
     return _build(src, tokenizer, Path(out_dir), text_field, num_proc, hf_cache_dir, resolved)
@@ -382,7 +382,7 @@ def load_sources(cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
     cfg = as_data_config(cfg)
     specs = cfg.sources
     if not specs:
-        from data.default import default_source_config
+        from powerattn.data.default import default_source_config
 
         specs = [default_source_config(cfg)]
     out: list[Source] = []

@@ -13,7 +13,7 @@ How the stream is defined (independent of process layout, so it survives resumes
 Every rank advances all cursors, so `state_dict()` is the same on every rank and small (JSON-able);
 a run resumed on another number of ranks continues the same global stream. A batch costs a few
 milliseconds of numpy on the host (128K-token rows included), so no worker processes are needed.
-Batches are dicts in the format documented in `data.packing`.
+Batches are dicts in the format documented in `powerattn.data.packing`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.packing import DocStream, collate
-from data.store import TokenStore
+from powerattn.data.packing import DocStream, collate
+from powerattn.data.store import TokenStore
 
 STATE_VERSION = 1
 _BLOCK = 4096  # source choices are drawn in blocks of sequence indices
@@ -49,7 +49,7 @@ class Source:
 
 
 class PackedLoader:
-    """Yields packed batches (see data.packing) for this rank, forever; resumable with state_dict()."""
+    """Yields packed batches (see powerattn.data.packing) for this rank, forever; resumable with state_dict()."""
 
     def __init__(
         self, sources: list[Source], seq_len: int, batch_size: int = 1, *, seed: int = 0,

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from data.store import TokenStore
+from powerattn.data.store import TokenStore
 from powerattn.targets import IGNORE_INDEX
 
 

@@ -12,7 +12,7 @@ class SourceConfig:
 
     `path` is a local file, glob or folder (jsonl/json/parquet/csv/arrow files, jsonl/json/txt/csv also
     compressed as .gz/.zst/.bz2/.xz; a .txt file is one document; a `save_to_disk` folder; a
-    `python -m data.prepare` output), or a hub dataset id `owner/name` when online (`split` applies to
+    `python -m powerattn.data.prepare` output), or a hub dataset id `owner/name` when online (`split` applies to
     hub ids and saved DatasetDicts). `weight` is the source's share of training tokens (weights are
     normalised over sources). `group_by` (a dotted field such as SlimPajama's
     `meta.redpajama_set_name`) splits the source into one sub-source per value, named NAME/VALUE;
@@ -57,7 +57,7 @@ class SyntheticConfig:
     min_sentences: int = 20            # ~12 tokens a sentence
     max_sentences: int = 400
     task_fraction: float = 0.5         # share of documents that carry a synthetic task
-    # Task documents take these in turn (data.synthetic.DOCUMENT_TASKS; repeat a name to weight it).
+    # Task documents take these in turn (powerattn.data.synthetic.DOCUMENT_TASKS; repeat a name to weight it).
     tasks: list[str] = field(default_factory=lambda: ["niah_multikey", "passkey", "variable_tracking"])
     vocab_size: int = 1024
     seed: int = 0

@@ -1,6 +1,6 @@
-"""`python -m data.prepare`: tokenise corpora offline into token stores, with a per-source report.
+"""`python -m powerattn.data.prepare`: tokenise corpora offline into token stores, with a per-source report.
 
-    python -m data.prepare --input /data/web/*.jsonl --input books=/data/pg19 \\
+    python -m powerattn.data.prepare --input /data/web/*.jsonl --input books=/data/pg19 \\
         --tokenizer /models/llama2/tokenizer.model --seq-len 32768 --output /data/prepared
 
 Each --input (optionally NAME=PATH) becomes DIR/NAME/ (tokens.bin, doc_offsets.npy, meta.json);
@@ -13,6 +13,7 @@ Documents are stored in input order; packing into seq_len rows happens in the lo
 shuffling), so one prepared folder serves every curriculum stage; the report shows how the corpus
 packs at --seq-len. Everything is written to a temporary sibling folder and renamed into place
 when complete: a DIR with a manifest is never half-written. Use DIR as a `data.sources` path.
+From a checkout, `python -m data.prepare` (data/prepare.py) runs the same CLI.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import SourceConfig
-from data.sources import build_groups, build_store, check_source, resolve, source_name
-from data.store import FORMAT_VERSION, TokenStore
-from data.tokenizer import Tokenizer
 from powerattn.atomic import atomic_write_json, make_tempdir, replace_dir
+from powerattn.data.config import SourceConfig
+from powerattn.data.sources import build_groups, build_store, check_source, resolve, source_name
+from powerattn.data.store import FORMAT_VERSION, TokenStore
+from powerattn.data.tokenizer import Tokenizer
+
+PROG = "python -m powerattn.data.prepare"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--input", action="append", required=True, metavar="[NAME=]PATH_OR_GLOB",
                    help="file, glob, folder or hub id; repeat for several sources")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model, tokenizer.json, or a model folder")
@@ -136,13 +139,14 @@ def prepare(args: argparse.Namespace) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The CLI; `prog` is the command its help and errors name."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         prepare(args)
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        print(f"data.prepare: error: {e}", file=sys.stderr)
+        print(f"{prog.removeprefix('python -m ')}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

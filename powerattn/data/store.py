@@ -4,7 +4,7 @@ A store is a folder: `tokens.bin` (all documents' ids back to back, uint16 or ui
 `doc_offsets.npy` (int64 [num_docs + 1]; document i is tokens[off[i]:off[i+1]]) and `meta.json`.
 It is built in a temporary sibling folder and renamed into place with meta.json already inside,
 so a folder under the final name is always complete: an interrupted build is never mistaken for
-a cache hit. Tokenisation caches and `python -m data.prepare` outputs share this format.
+a cache hit. Tokenisation caches and `python -m powerattn.data.prepare` outputs share this format.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import SourceConfig
-from data.loader import Source
-from data.store import StoreWriter, TokenStore
 from powerattn.atomic import atomic_write_json, make_tempdir
+from powerattn.data.config import SourceConfig
+from powerattn.data.loader import Source
+from powerattn.data.store import StoreWriter, TokenStore
 
 GROUPS = "groups.json"
 

@@ -6,11 +6,11 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from data.config import DataConfig, as_data_config
-from data.default import load_tokenizer
-from data.loader import PackedLoader
-from data.sources import load_sources
-from data.tokenizer import Tokenizer
+from powerattn.data.config import DataConfig, as_data_config
+from powerattn.data.default import load_tokenizer
+from powerattn.data.loader import PackedLoader
+from powerattn.data.sources import load_sources
+from powerattn.data.tokenizer import Tokenizer
 
 T = TypeVar("T")
 

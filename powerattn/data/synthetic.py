@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from data.filler import ADJECTIVES, ADVERBS, NOUNS, PLACES, VERBS_I, VERBS_T, Filler
+from powerattn.data.filler import ADJECTIVES, ADVERBS, NOUNS, PLACES, VERBS_I, VERBS_T, Filler
 
 if TYPE_CHECKING:  # the config check imports this module and needs no sentencepiece
-    from data.tokenizer import Tokenizer
+    from powerattn.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
