@@ -91,6 +91,7 @@ def copying(checkpoint: str, gaps: tuple[int, ...] = (0, 40, 100, 200, 500, 1000
     import torch
 
     from powerattn.data.filler import Filler
+    from powerattn.data.synthetic import repeat_text
     from powerattn.data.tokenizer import Tokenizer
     from powerattn.model import from_pretrained
 
@@ -108,6 +109,11 @@ def copying(checkpoint: str, gaps: tuple[int, ...] = (0, 40, 100, 200, 500, 1000
             first += nll[at + 2:at + len(sent) - 1].mean().item() / samples
             second += nll[len(ids) - len(sent) + 2:].mean().item() / samples
         print(f"filler sentence, gap {gap:4d} tokens: {first:.2f} nats/token the first time, {second:.2f} the second")
+    text = repeat_text(12345, 30)  # the study's own copy documents: a 30-word list written twice
+    half = tok.encode(text[:len(text) // 2], bos=False)
+    nll = _nll(model, head + half + tok.encode(text[len(text) // 2:], bos=False))
+    print(f"random word list written twice: {nll[len(head):len(head) + len(half) - 1].mean():.2f} nats/token "
+          f"the first time, {nll[len(head) + len(half) + 1:].mean():.2f} the second")
     r = random.Random(0)
     seq = [r.randrange(tok.vocab_size // 4, tok.vocab_size) for _ in range(50)]
     nll = _nll(model, head + seq + seq)

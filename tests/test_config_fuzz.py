@@ -52,14 +52,20 @@ def _leaves(d, prefix=""):
             yield key, v
 
 
+KINDS = ("type", "type", "negative", "zero", "null", "unknown", "group", "length", "sp")
+
+
 def _mutations(n: int, seed: int = 14) -> list[tuple[str, str]]:
-    """(kind, override): every one is a mistake."""
+    """(kind, override): every one is a mistake; at least n, and at least one of every kind (a new config
+    key changes the draws, which must not silently drop a kind from the fuzz)."""
     leaves = [(k, v) for k, v in _leaves(OmegaConf.to_container(_compose([]), resolve=False)) if v is not None]
     rng = random.Random(seed)
     out = []
-    while len(out) < n:
+    for _ in range(100 * n):
+        if len(out) >= n and {k for k, _ in out} == set(KINDS):
+            break
         key, value = rng.choice(leaves)
-        kind = rng.choice(["type", "type", "negative", "zero", "null", "unknown", "group", "length", "sp"])
+        kind = rng.choice(KINDS)
         if kind == "type" and key not in UNTYPED:
             bad = "[1]" if isinstance(value, str) else rng.choice(["abc", "[1]"]) if not isinstance(value, list) \
                 else "abc"
@@ -108,7 +114,7 @@ def test_a_mutated_config_fails_in_one_line_naming_the_key(kind, override, one_p
 
 def test_the_fuzz_covers_every_kind():
     kinds = {k for k, _ in _mutations(48)}
-    assert kinds == {"type", "negative", "zero", "null", "unknown", "group", "length", "sp"}
+    assert kinds == set(KINDS)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ question ending in the answer prefix, and the answer. The same spec renders two 
 Tasks: `passkey`, `niah_multikey` (multi-key needle in a haystack), `variable_tracking`.
 Training documents (`training_document`) are those tasks rendered as text, plus two for a copying
 signal dense enough to learn from: `recall` (many keyed pass keys, each asked once later) and `repeat`
-(lists of random words, each written twice).
+(a list of random words written twice).
 """
 
 from __future__ import annotations
@@ -258,21 +258,19 @@ def recall_text(seed: int, num_sentences: int, sentences_per_fact: int = 8, digi
 
 
 def repeat_text(seed: int, num_sentences: int) -> str:
-    """Lists of random words, each written twice in a row: a training document only.
+    """One list of random words written twice (`num_sentences` words, 8 to 64): a training document only.
 
-    A fresh word costs ~4.8 nats; its copy costs nearly nothing to a model that finds the word's last
-    occurrence and reads on from there, so half the document pushes hard towards induction heads, the
-    mechanism every retrieval task here rests on. The recall and passkey documents then stretch it
-    over distance. Copies at random distances or of grammatical sentences taught nothing in 80M-320M
-    tokens (docs/study.md): every word recurs in many earlier lists there, so no single earlier
-    occurrence predicts what follows; an immediate copy's last occurrence always does.
+    A fresh word costs ~4.8 nats; its copy costs nearly nothing to a model that finds the word's one
+    earlier occurrence and reads on from there, so these documents push hard towards induction heads,
+    the mechanism every retrieval task here rests on; the recall and passkey documents then stretch it
+    over distance. A single list keeps that earlier occurrence unique: with many lists (or grammatical
+    sentences) per document every word recurs before its copy, looking it up predicts nothing, and no
+    copying was learned in 80M-320M tokens (docs/study.md).
     """
     r = random.Random(f"repeat-{seed}")
-    out = []
-    for _ in range(max(1, num_sentences // 2)):
-        words = " ".join(r.choice(_LIST_WORDS) for _ in range(r.randint(8, 16))).capitalize() + "."
-        out += [words, words]
-    return " ".join(out)
+    words = " ".join(r.choice(_LIST_WORDS) for _ in range(min(max(num_sentences, 8), 64)))
+    words = words.capitalize() + "."
+    return f"{words} {words}"
 
 
 DOCUMENT_TASKS = (*sorted(TASKS), "recall", "repeat")
