@@ -139,7 +139,7 @@ def test_recall_asks_every_fact_once_after_it_with_its_key():
 
 
 def test_repeat_writes_one_random_list_twice():
-    for n, words in ((3, 8), (20, 20), (400, 64)):
+    for n, words in ((3, 8), (20, 20), (400, 32)):
         first, second = re.findall(r"[A-Z][^.]*\.", repeat_text(5, n))
         assert first == second and len(first.split()) == words and not re.search(r"\d", first)
     assert repeat_text(5, 40) == training_document("repeat", 5, 40) != repeat_text(6, 40)

@@ -258,17 +258,18 @@ def recall_text(seed: int, num_sentences: int, sentences_per_fact: int = 8, digi
 
 
 def repeat_text(seed: int, num_sentences: int) -> str:
-    """One list of random words written twice (`num_sentences` words, 8 to 64): a training document only.
+    """One list of random words written twice (`num_sentences` words, 8 to 32): a training document only.
 
     A fresh word costs ~4.8 nats; its copy costs nearly nothing to a model that finds the word's one
     earlier occurrence and reads on from there, so these documents push hard towards induction heads,
     the mechanism every retrieval task here rests on; the recall and passkey documents then stretch it
-    over distance. A single list keeps that earlier occurrence unique: with many lists (or grammatical
-    sentences) per document every word recurs before its copy, looking it up predicts nothing, and no
-    copying was learned in 80M-320M tokens (docs/study.md).
+    over distance. A single short list keeps that earlier occurrence nearly unique (at most 32 of ~120
+    words, as in the probe that learned copying); with many lists (or grammatical sentences) per
+    document every word recurs before its copy, looking it up predicts nothing, and no copying was
+    learned in 80M-320M tokens (docs/study.md).
     """
     r = random.Random(f"repeat-{seed}")
-    words = " ".join(r.choice(_LIST_WORDS) for _ in range(min(max(num_sentences, 8), 64)))
+    words = " ".join(r.choice(_LIST_WORDS) for _ in range(min(max(num_sentences, 8), 32)))
     words = words.capitalize() + "."
     return f"{words} {words}"
 
