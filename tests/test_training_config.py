@@ -121,3 +121,18 @@ def test_config_modules_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=CONFIGS.parent, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
+
+
+def test_a_model_folder_brings_its_own_tokenizer(tmp_path, monkeypatch):
+    """Continuing a model with the default data keeps the model's tokenizer: the synthetic one has the same
+    size, so no vocabulary check could catch the swap."""
+    from powerattn.training.run import preflight
+
+    assert load_config(_compose()).data.tokenizer is None
+    assert load_config(_compose(f"model.path={tmp_path}")).data.tokenizer == str(tmp_path)
+    assert load_config(_compose(f"model.path={tmp_path}", "data.tokenizer=/t/tok.model")).data.tokenizer \
+        == "/t/tok.model"
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="^data.tokenizer: "):  # a folder with weights but no tokenizer
+        preflight(_compose(f"model.path={tmp_path}", f"output_dir={tmp_path / 'run'}"))

@@ -70,7 +70,7 @@ class DataConfig:
     An empty `sources` list selects the embedded synthetic default (no network). `tokenizer` is a
     sentencepiece `tokenizer.model`, an HF `tokenizer.json` or a model folder holding one; None with
     the default data means the sentencepiece model trained on the synthetic corpus and cached under
-    `cache_dir`.
+    `cache_dir` (training from a model folder, `model.path`, uses that folder's tokenizer instead).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)

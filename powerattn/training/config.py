@@ -177,6 +177,10 @@ def load_config(cfg) -> TrainConfig:
         out = _typed(TrainConfig, raw, "")
     except OmegaConfBaseException as e:  # e.g. an interpolation pointing nowhere (${oc.env:UNSET})
         raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+    if out.model.path is not None and out.data.tokenizer is None:
+        # Continuing a model means keeping its tokenizer; the synthetic default would fit a new one of
+        # the same size, which the vocabulary check cannot tell apart.
+        out.data.tokenizer = out.model.path
     validate(out)
     return out
 
