@@ -1,4 +1,4 @@
-"""Two CPU diagnostics behind docs/study.md's account of why a recipe does (not) learn retrieval.
+"""CPU diagnostics behind docs/study.md's account of why a recipe does (not) learn retrieval.
 
     python bench/retrieval_probe.py answerable +experiment=pattern_study   # per curriculum stage: share of
                                                       # passkey questions whose needle is in the same segment

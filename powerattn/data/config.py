@@ -51,7 +51,7 @@ class SourceConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The embedded default corpus: grammatical filler plus passkey / NIAH / variable-tracking documents."""
+    """The embedded default corpus: grammatical filler plus task documents (`tasks`, powerattn.data.synthetic)."""
 
     num_docs: int = 2000
     min_sentences: int = 20            # ~12 tokens a sentence

@@ -2,7 +2,7 @@
 
 Both are produced by the project itself (no network, no copied text) and cached under
 `<cache_dir>/synthetic/`, keyed by the SyntheticConfig: filler documents of log-uniform length
-plus task documents (passkey / multi-key NIAH / variable tracking / recall), as jsonl with `text` and `task`.
+plus task documents (passkey / multi-key NIAH / variable tracking / recall / repeat), as jsonl with `text` and `task`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from powerattn.data.filler import Filler
 from powerattn.data.synthetic import training_document
 from powerattn.data.tokenizer import Tokenizer, train_tokenizer
 
-GENERATOR_VERSION = 1
+# Part of the cache key: bump when a document generator changes, so no corpus or tokenizer of the old
+# generator is taken for the new one (2: the recall and repeat documents).
+GENERATOR_VERSION = 2
 _TOKENIZER_DOCS = 1000  # documents the default tokenizer is fitted on (plenty for its small vocabulary)
 
 
