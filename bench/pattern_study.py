@@ -1,21 +1,25 @@
 """The pattern study: does retrieval follow the receptive field? (docs/study.md)
 
-For each pattern, the same small LLaMA is trained from the same seed on the same synthetic retrieval
-mixture through `train.py +experiment=pattern_study pattern=NAME`, then `eval.py task=passkey` runs on
-its final checkpoint (lengths x depths x samples). Beside each measurement sits the receptive-field
-prediction for the same prompts: a needle is reachable when one of its blocks is within the model's
-layer count of hops from the last block (`powerattn.receptive_field`).
+The paper's setting in miniature: one small LLaMA is pretrained once with full attention on short
+documents at 1K tokens (`train.py +experiment=pattern_study_base`), where retrieval is learned; each
+pattern then continues that base on the same long-document mixture at 4K -> 8K tokens (`train.py
++experiment=pattern_study pattern=NAME model.path=BASE`), and `eval.py task=passkey` runs on its final
+checkpoint (lengths x depths x samples); the base is evaluated too, at its own length. Beside each
+measurement sits the receptive-field prediction for the same prompts: a needle is reachable when one
+of its blocks is within the model's layer count of hops from the last block (`powerattn.receptive_field`).
 
     python bench/pattern_study.py --out DIR                 # all six patterns, one GPU (or CPU)
     python bench/pattern_study.py --out DIR --jobs 2 --gpus 0,1   # one training per GPU side by side
     python bench/pattern_study.py --out DIR --patterns power,full
+    python bench/pattern_study.py --out DIR --base OLD/runs/base/model   # reuse a trained base
     python bench/pattern_study.py --out DIR --merge A/study.json B/study.json   # join partial runs
     python bench/pattern_study.py --out DIR --predict       # the theory table only, nothing trained
     python bench/pattern_study.py --out DIR --smoke         # tiny sizes, CPU, minutes (CI)
 
 Writes DIR/study.json (per pattern: density, prediction, accuracy by length x depth, loss summary,
-seconds), DIR/study.png and, per pattern, DIR/logs/NAME.{train,eval}.log. Checkpoints live under
-DIR/runs/ and are deleted after evaluation unless --keep-checkpoints.
+seconds; the base's loss and passkey), DIR/study.png and DIR/logs/NAME.{train,eval}.log per training.
+Checkpoints live under DIR/runs/; the patterns' are deleted after evaluation unless --keep-checkpoints,
+the base's model folder is kept (DIR/runs/base/model) for --base.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from powerattn.atomic import atomic_write, save_figure  # noqa: E402  (runs from
 SCHEMA = "powerattn.pattern_study/1"
 PATTERNS = ("power", "sliding_window", "stride_slash", "dilated", "longnet", "full")
 EXPERIMENT = "pattern_study"
+BASE_EXPERIMENT = "pattern_study_base"
 EVAL = {"lengths": [2048, 4096, 8192], "depths": 11, "samples": 10, "batch_size": 16}
 # A few minutes on a 2-core CPU for all six patterns: the pipeline end to end, not a result.
 SMOKE_OVERRIDES = [
@@ -53,6 +58,8 @@ SMOKE_OVERRIDES = [
     "data.synthetic.num_docs=120", "data.synthetic.min_sentences=10", "data.synthetic.max_sentences=60",
     "data.synthetic.vocab_size=512",
 ]
+SMOKE_BASE = ["curriculum.stages=[{seq_len:256,steps:4}]", "data.synthetic.min_sentences=4",
+              "data.synthetic.max_sentences=20"]
 SMOKE_EVAL = {"lengths": [256, 512], "depths": 10, "samples": 1, "batch_size": 10}
 
 
@@ -163,18 +170,20 @@ def pattern_of(cfg):
     return pattern_from_dict(OmegaConf.to_container(cfg.pattern, resolve=True))
 
 
-def study_pattern(name: str, args, base: list[str], ev: dict, gpu: str | None) -> dict:
-    """Train and evaluate one pattern; returns its study.json entry."""
-    out = Path(args.out)
-    run_dir, logs = out / "runs" / name, out / "logs"
-    shutil.rmtree(run_dir, ignore_errors=True)
+def _env(args, gpu: str | None) -> dict:
     env = dict(os.environ)
     # Side-by-side trainings each taking every core ran 30-100x slower than one alone (docs/study.md).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    overrides = [*base, f"pattern={name}", f"output_dir={run_dir}", f"run_name=study_{name}", "resume=none",
-                 "progress=false"]
+    return env
+
+
+def train_and_eval(name: str, overrides: list[str], ev: dict, out: Path, env: dict) -> tuple[dict, Path]:
+    """train.py with `overrides` into DIR/runs/NAME, eval.py's passkey grid on its last checkpoint."""
+    run_dir, logs = out / "runs" / name, out / "logs"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [*overrides, f"output_dir={run_dir}", f"run_name=study_{name}", "resume=none", "progress=false"]
     train_s = _run([sys.executable, "train.py", *overrides], logs / f"{name}.train.log", env)
     model = latest_model(run_dir)
     lengths = ",".join(map(str, ev["lengths"]))
@@ -194,9 +203,36 @@ def study_pattern(name: str, args, base: list[str], ev: dict, gpu: str | None) -
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "device": results["environment"]["device"],
     }
+    return entry, model
+
+
+def train_base(args, overrides: list[str], ev: dict) -> tuple[dict, Path]:
+    """The full-attention base every pattern continues; its model folder stays under DIR/runs/base/model."""
+    entry, model = train_and_eval("base", overrides, ev, Path(args.out), _env(args, _gpus(args)[0]))
+    kept = Path(args.out) / "runs" / "base" / "model"
+    if model != kept:  # one stable place, whatever the checkpoint step was called
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(model, kept)
+        shutil.rmtree(Path(args.out) / "runs" / "base" / "checkpoints", ignore_errors=True)
+    return entry, kept
+
+
+def study_pattern(name: str, args, overrides: list[str], ev: dict, gpu: str | None) -> dict:
+    """Continue the base with one pattern and evaluate it; returns its study.json entry."""
+    out = Path(args.out)
+    entry, _ = train_and_eval(name, [*overrides, f"pattern={name}"], ev, out, _env(args, gpu))
     if not args.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "runs" / name / "checkpoints", ignore_errors=True)
     return entry
+
+
+def _recipe(base: dict) -> list:
+    """What makes two bases the same recipe (not their measured results)."""
+    return [base.get(k) for k in ("experiment", "overrides", "stages", "recipe")]
+
+
+def _gpus(args) -> list[str | None]:
+    return args.gpus.split(",") if args.gpus else [None]
 
 
 def environment() -> dict:
@@ -315,8 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids handed out round-robin to the jobs")
     p.add_argument("--merge", nargs="+", metavar="STUDY_JSON", help="join the patterns of earlier runs")
     p.add_argument("--predict", action="store_true", help="write the receptive-field prediction only")
-    p.add_argument("--keep-checkpoints", action="store_true")
-    p.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. optim.lr=2e-3")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the patterns' checkpoints")
+    p.add_argument("--base", metavar="MODEL_DIR", help="continue this base model instead of training one")
+    p.add_argument("--base-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="train.py override for the base only (repeatable), e.g. optim.lr=2e-3")
+    p.add_argument("overrides", nargs="*", help="train.py overrides for the patterns' training, e.g. optim.lr=2e-3")
     args = p.parse_args(argv)
     args.patterns = args.patterns.split(",")
     unknown = [n for n in args.patterns if n not in PATTERNS]
@@ -324,9 +363,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--patterns: unknown pattern(s) {unknown}; choose from {','.join(PATTERNS)}")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
-    bad = [o for o in args.overrides if "=" not in o or o.split("=")[0].lstrip("+~") in ("pattern", "output_dir")]
+    reserved = ("pattern", "output_dir", "model.path")
+    bad = [o for o in [*args.overrides, *args.base_override]
+           if "=" not in o or o.split("=")[0].lstrip("+~") in reserved]
     if bad:
-        p.error(f"overrides must be key=value and may not set pattern or output_dir (the study does): {bad}")
+        p.error(f"overrides must be key=value and may not set {', '.join(reserved)} (the study does): {bad}")
+    if args.base and not (Path(args.base) / "config.json").is_file():
+        p.error(f"--base: {args.base!r} is not a model folder (no config.json)")
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
 
@@ -334,11 +377,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from powerattn.data import load_tokenizer
     from powerattn.data.config import as_data_config
+    from powerattn.data.tokenizer import Tokenizer
 
     base = [f"+experiment={EXPERIMENT}", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
-    cfg = compose(base)  # a bad override fails here, before any training
+    base_overrides = [f"+experiment={BASE_EXPERIMENT}", *(SMOKE_OVERRIDES + SMOKE_BASE if args.smoke else []),
+                      *args.base_override]
+    cfg, base_cfg = compose(base), compose(base_overrides)  # a bad override fails here, before any training
     ev = dict(SMOKE_EVAL if args.smoke else EVAL)
+    base_ev = {**ev, "lengths": [max(s.seq_len for s in base_cfg.curriculum.stages)]}
     study = {"schema": SCHEMA, "environment": environment(), "experiment": EXPERIMENT, "overrides": base,
+             "base": {"experiment": BASE_EXPERIMENT, "overrides": base_overrides, "eval": base_ev,
+                      "stages": [dict(s) for s in base_cfg.curriculum.stages],
+                      "recipe": {k: OmegaConf.to_container(base_cfg[k], resolve=True) for k in ("data", "optim",
+                                                                                                 "batch")},
+                      **({"model": str(Path(args.base).resolve())} if args.base else {})},
              "smoke": args.smoke, "eval": ev, "patterns": {},
              "model": {"layers": cfg.model.arch.num_hidden_layers, "hidden_size": cfg.model.arch.hidden_size,
                        "block_size": cfg.pattern.block_size,
@@ -351,9 +403,10 @@ def main(argv: list[str] | None = None) -> None:
             part = json.loads(Path(f).read_text())
             if i == 0:  # the recipe, eval grid and device of the runs, not of the merging machine
                 study.update({k: part.get(k) for k in ("environment", "overrides", "eval", "model", "smoke",
-                                                       "recipe")})
-            elif [part.get(k) for k in ("overrides", "eval", "recipe")] != [study[k] for k in
-                                                                           ("overrides", "eval", "recipe")]:
+                                                       "recipe", "base")})
+            elif ([part.get(k) for k in ("overrides", "eval", "recipe")]
+                  != [study[k] for k in ("overrides", "eval", "recipe")]
+                  or _recipe(part.get("base", {})) != _recipe(study["base"])):
                 p.error(f"--merge: {f} ran another recipe or eval grid than {args.merge[0]}")
             study["patterns"].update(part["patterns"])
     else:
@@ -361,8 +414,12 @@ def main(argv: list[str] | None = None) -> None:
             pcfg = compose([*base, f"pattern={name}"])
             study["patterns"][name] = {"pattern": OmegaConf.to_container(pcfg.pattern, resolve=True)}
             study["patterns"][name]["pattern"].pop("schedule", None)
-    tokenizer = load_tokenizer(as_data_config(OmegaConf.to_container(compose(study["overrides"]).data,
-                                                                     resolve=True)))
+    # Eval prompts are built with the checkpoint's tokenizer, the base's: so are the predicted needle spans.
+    if study["base"].get("model") and Path(study["base"]["model"]).is_dir():
+        tokenizer = Tokenizer.from_pretrained(study["base"]["model"])
+    else:
+        tokenizer = load_tokenizer(as_data_config(OmegaConf.to_container(compose(study["base"]["overrides"]).data,
+                                                                         resolve=True)))
     add_theory(study, tokenizer)
     if args.predict or args.merge:
         write(study, out)
@@ -370,11 +427,22 @@ def main(argv: list[str] | None = None) -> None:
             {n: e["prediction"]["reachable"][-1] for n, e in study["patterns"].items()}, indent=None))
         return
 
-    prepare_data(cfg)
-    gpus = args.gpus.split(",") if args.gpus else [None]
     started = time.perf_counter()
+    if args.base:
+        base_model = Path(study["base"]["model"])
+    else:
+        prepare_data(base_cfg)
+        result, base_model = train_base(args, base_overrides, base_ev)
+        study["base"].update(result)
+        acc = 100 * result["mean_accuracy"]
+        print(f"base (full, {base_ev['lengths'][0]} tokens): mean passkey {acc:.0f}% "
+              f"({result['train_seconds']:.0f} s training)", flush=True)
+    # The patterns' data use the base's tokenizer (data.tokenizer defaults to model.path).
+    continued = [*base, f"model.path={base_model}"]
+    prepare_data(compose(continued))
+    gpus = _gpus(args)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(study_pattern, name, args, base, ev, gpus[i % len(gpus)])
+        futures = {name: pool.submit(study_pattern, name, args, continued, ev, gpus[i % len(gpus)])
                    for i, name in enumerate(args.patterns)}
         failed = {}
         for name, fut in futures.items():

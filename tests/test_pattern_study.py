@@ -34,8 +34,14 @@ def test_smoke_study_runs_every_pattern(tmp_path):
         assert len(reach) == len(lengths) and all(len(row) == len(depths) for row in reach)
         assert set(e["density"]) == {str(n) for n in lengths}
         assert e["loss"]["steps"] == 6 and e["loss"]["first"] > e["loss"]["min"]
+        # Each pattern continues the base: it starts below the base's randomly initialised loss.
+        assert e["loss"]["first"] < study["base"]["loss"]["first"]
         assert e["train_seconds"] > 0 and e["eval_seconds"] > 0
         assert not (tmp_path / "s" / "runs" / name / "checkpoints").exists()  # only JSON, PNG and logs kept
+    base = study["base"]
+    assert base["pattern"]["name"] == "full" and base["loss"]["steps"] == 4
+    assert len(base["accuracy"]) == 1 and base["eval"]["lengths"] == [256]  # its own length only
+    assert (tmp_path / "s" / "runs" / "base" / "model" / "config.json").is_file()  # kept for --base
     assert study["patterns"]["full"]["density"][str(lengths[-1])] == 1.0
     assert all(v == 1.0 for row in study["patterns"]["full"]["prediction"]["reachable"] for v in row)
     # stride_slash cannot reach the needle right after the header within 2 layers at 512 tokens.
@@ -56,13 +62,25 @@ def test_smoke_study_runs_every_pattern(tmp_path):
     done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path / "y"), "--merge",
                            str(part), str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "another recipe or eval grid" in done.stderr
+    other.write_text(json.dumps({**study, "base": {**study["base"], "overrides": ["+experiment=other"]}}))
+    done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path / "z"), "--merge",
+                           str(part), str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "another recipe or eval grid" in done.stderr
+
+    # A second study continues the first one's base instead of training its own.
+    base_dir = tmp_path / "s" / "runs" / "base" / "model"
+    again = _study(tmp_path / "b", "--smoke", "--patterns", "full", "--base", str(base_dir))
+    assert again["base"]["model"] == str(base_dir.resolve()) and "loss" not in again["base"]
+    assert not (tmp_path / "b" / "runs" / "base").exists()
+    assert again["patterns"]["full"]["loss"]["first"] < study["base"]["loss"]["first"]
 
 
 def test_predict_needs_no_training(tmp_path):
     """The receptive-field prediction alone: sliding window misses the middle of an 8K context in
     6 layers, power and full reach every depth."""
-    study = _study(tmp_path / "p", "--predict", "--patterns", "power,sliding_window,full",
-                   "data.synthetic.num_docs=200", "data.synthetic.max_sentences=60")
+    small = ["data.synthetic.num_docs=200", "data.synthetic.max_sentences=60"]
+    study = _study(tmp_path / "p", "--predict", "--patterns", "power,sliding_window,full", *small,
+                   *(f"--base-override={o}" for o in small))
     reach = {n: e["prediction"]["reachable"][-1] for n, e in study["patterns"].items()}
     assert all(v == 1.0 for v in reach["power"]) and all(v == 1.0 for v in reach["full"])
     assert reach["sliding_window"][0] == 1.0 and reach["sliding_window"][-1] == 1.0  # sink block, window
@@ -74,3 +92,6 @@ def test_bad_override_fails_before_training(tmp_path):
     done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path), "pattern=full"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "may not set pattern" in done.stderr
+    done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path), "--base",
+                           str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is not a model folder" in done.stderr
