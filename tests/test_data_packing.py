@@ -86,6 +86,37 @@ def test_loader_full_pass(tmp_path, reset):
     assert set(seen[st.num_tokens :]) <= set(range(1, st.num_tokens + 1))  # then epoch 1 begins
 
 
+def test_whole_documents_are_never_cut(tmp_path):
+    """whole_documents: a document up to a row long lies whole in one row (the rest of the row before it
+    is padding); a longer one is split at row starts only; every token still comes once and in order;
+    a resumed loader continues the same stream."""
+    st = write_store(tmp_path / "w", [np.arange(a, b) for a, b in
+                                      [(1, 41), (41, 71), (71, 171), (171, 191), (191, 250), (250, 261)]],
+                     vocab_size=1 << 20)
+    starts = set(st.tokens[st.doc_offsets[:-1]].tolist())
+    loader = PackedLoader([Source("s", st)], seq_len=64, batch_size=2, seed=3, whole_documents=True)
+    stream = np.concatenate([st.doc(i) for i in loader.epoch_order(0, 0)]).tolist()
+    seen, rows = [], []
+    for _ in range(4):
+        batch = next(loader)
+        _check_batch(batch, starts)
+        rows += batch["input_ids"].tolist()
+    for row in rows:
+        seen += [t for t in row if t]
+        cu = [0] + [i for i in range(1, 64) if row[i] and (row[i] in starts or not row[i - 1])]
+        for a, b in zip(cu, cu[1:] + [64]):
+            piece = [t for t in row[a:b] if t]
+            doc = next(st.doc(i).tolist() for i in range(st.num_docs) if piece and piece[0] in st.doc(i))
+            if len(doc) <= 64:
+                assert not piece or piece == doc  # whole, never cut at a row end
+    assert seen[: st.num_tokens] == stream  # each token once, in order
+    assert any(0 in row[1:] and row[-1] == 0 for row in rows)  # padding where a document did not fit
+    state = loader.state_dict()
+    again = PackedLoader([Source("s", st)], seq_len=64, batch_size=2, seed=3, whole_documents=True)
+    again.load_state_dict(state)
+    assert torch.equal(next(again)["input_ids"], next(loader)["input_ids"])
+
+
 def test_long_document_split_keeps_order(tmp_path):
     st = write_store(tmp_path / "long", [np.arange(1, 301), np.arange(301, 311)], vocab_size=1 << 20)
     loader = PackedLoader([Source("s", st)], seq_len=64, batch_size=1, seed=0)

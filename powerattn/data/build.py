@@ -51,5 +51,6 @@ def build_loader(
     loader = PackedLoader(
         sources, cfg.seq_len, batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
         sp_size=sp_size, pad_id=tokenizer.pad_id, reset_position_ids=cfg.reset_position_ids,
+        whole_documents=cfg.whole_documents,
     )
     return loader, tokenizer

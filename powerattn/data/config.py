@@ -80,6 +80,9 @@ class DataConfig:
     cache_dir: str = ".cache/powerattn_data"
     num_proc: int = 1                  # processes for datasets.map tokenisation
     reset_position_ids: bool = True    # position ids restart at every document (pairs with cu_seqlens)
+    # True: a document that does not fit the rest of a row starts the next one (the rest is padding),
+    # so documents up to a row long are never cut; costs padding, keeps long-range examples whole.
+    whole_documents: bool = False
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -54,7 +54,7 @@ class PackedLoader:
     def __init__(
         self, sources: list[Source], seq_len: int, batch_size: int = 1, *, seed: int = 0,
         rank: int = 0, world_size: int = 1, sp_size: int = 1, pad_id: int = 0,
-        reset_position_ids: bool = True,
+        reset_position_ids: bool = True, whole_documents: bool = False,
     ):
         if not sources:
             raise ValueError("PackedLoader: no sources")
@@ -70,6 +70,7 @@ class PackedLoader:
         self.dp_rank, self.dp_size = rank // sp_size, world_size // sp_size
         self.pad_id = pad_id
         self.reset_position_ids = reset_position_ids
+        self.whole_documents = whole_documents
         w = np.array([s.weight for s in sources], dtype=np.float64)
         self.probs = w / w.sum()
         self.set_seq_len(seq_len, batch_size)
@@ -121,12 +122,21 @@ class PackedLoader:
         return self._streams[key]
 
     def _take(self, src: int, n: int, materialise: bool) -> list[np.ndarray]:
-        """Advance source `src` by n tokens, returning the pieces when materialise."""
+        """Advance source `src` by up to n tokens (a row), returning the pieces when materialise.
+
+        With whole_documents, a document that does not fit what is left of a non-empty row waits for
+        the next row (the rest is padded); only a document longer than a whole row is split.
+        """
         pieces: list[np.ndarray] = []
         cur = self._cursors[src]
         while n > 0:
             stream = self._stream(src, cur[0])
             got = min(n, stream.total - cur[1])
+            if self.whole_documents:
+                rest = int(stream.ends[np.searchsorted(stream.ends, cur[1], side="right")]) - cur[1]
+                if rest > n and n < self.seq_len:
+                    break
+                got = min(n, rest)
             if materialise:
                 pieces += stream.pieces(cur[1], got)
             cur[1] += got
