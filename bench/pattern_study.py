@@ -265,6 +265,9 @@ def add_theory(study: dict, tokenizer) -> None:
         entry["density"] = {str(n): pattern.density(n) for n in ev["lengths"]}
         entry["prediction"] = prediction(pattern, study["model"]["layers"], spans, ev["lengths"], depths,
                                          ev["samples"])
+        # What one attention hop reaches: the bound for a model that has not learned to relay (docs/study.md).
+        entry["prediction"]["reachable_one_hop"] = prediction(pattern, 1, spans, ev["lengths"], depths,
+                                                              ev["samples"])["reachable"]
     study["depths"] = depths
 
 
@@ -290,9 +293,12 @@ def plot(study: dict, path: Path) -> None:
             ax.plot(x, [100 * a for a in entry["accuracy"][-1]], "o-", color=color, label=name)
         ax.plot(x, [100 * a for a in entry["prediction"]["reachable"][-1]], "--", color=color, alpha=0.6,
                 lw=2.5, label=None if "accuracy" in entry else name)
+        if "reachable_one_hop" in entry["prediction"]:
+            ax.plot(x, [100 * a for a in entry["prediction"]["reachable_one_hop"][-1]], ":", color=color,
+                    alpha=0.8, lw=1.5)
     ax.set(xlabel="needle depth (% of the context before the needle)", ylabel="passkey accuracy (%)",
-           ylim=(-3, 103), title=f"Passkey at {lengths[-1]} tokens: measured (solid) vs needle reachable from the "
-           f"last block within {study['model']['layers']} layers (dashed)")
+           ylim=(-3, 103), title=f"Passkey at {lengths[-1]} tokens: measured (solid); needle reachable from the last "
+           f"block within {study['model']['layers']} layers (dashed), within one hop (dotted)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     for i, name in enumerate(names):

@@ -85,6 +85,10 @@ def test_predict_needs_no_training(tmp_path):
     assert all(v == 1.0 for v in reach["power"]) and all(v == 1.0 for v in reach["full"])
     assert reach["sliding_window"][0] == 1.0 and reach["sliding_window"][-1] == 1.0  # sink block, window
     assert min(reach["sliding_window"]) == 0.0
+    one_hop = {n: e["prediction"]["reachable_one_hop"][-1] for n, e in study["patterns"].items()}
+    assert all(v == 1.0 for v in one_hop["full"])
+    assert all(o <= r for n in one_hop for o, r in zip(one_hop[n], reach[n]))
+    assert sum(one_hop["power"]) < sum(reach["power"])  # power needs relays for most depths
     assert "accuracy" not in study["patterns"]["power"]
 
 

@@ -15,7 +15,7 @@ from powerattn.training.curriculum import plan_curriculum
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # experiment -> (world size, sequence-parallel size) it is written for
 EXPERIMENTS = {"tiny": (1, 1), "llama_128k": (8, 8), "paper_qwen2_32k": (8, 4), "llama3_8b_128k": (8, 8),
-               "pattern_study": (1, 1)}
+               "pattern_study": (1, 1), "pattern_study_base": (1, 1)}
 
 
 def _compose(*overrides: str):
