@@ -18,6 +18,12 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from powerattn.evaluation.config import check_eval_config
+
+    try:  # before torch is imported: a bad key or value fails in well under a second
+        check_eval_config(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     from powerattn.evaluation.runner import run
     from powerattn.manifest import ManifestError, verify_if_sealed
     from powerattn.model import CheckpointError

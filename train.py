@@ -24,11 +24,17 @@ def main(composed: DictConfig) -> None:
     received = []  # SIGTERM / SIGUSR1 before the StopRequest exists (imports, checks, loading) count too
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: received.append(signum))
+    from powerattn.training.config import ConfigError, load_config
+
+    try:  # before torch is imported: a bad value fails in well under a second
+        load_config(composed)
+    except ConfigError as e:  # the same on every rank: rank 0 says it
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     from torch.distributed import is_initialized as dist_started
 
     from powerattn.manifest import ManifestError
     from powerattn.model import CheckpointError
-    from powerattn.training import ConfigError, NonFiniteLossError
+    from powerattn.training import NonFiniteLossError
 
     try:
         train(composed, received)

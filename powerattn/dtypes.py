@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
+from powerattn.choices import DTYPE_NAMES
+
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 
 
 def to_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -10,10 +10,9 @@ import math
 import torch
 from torch import Tensor
 
+from powerattn.choices import BACKENDS
 from powerattn.patterns import Pattern
 from powerattn.reference import block_gather_attention, decode_reference, document_positions, padded_rows
-
-BACKENDS = ("auto", "triton", "flex", "torch", "sdpa")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, cu_seqlens: Tensor | None) -> None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+# torch is imported where a mask or table is built: constructing and validating a pattern (a config
+# check) needs no torch. The rules only combine the tensors they are given.
 
 _REGISTRY: dict[str, type[Pattern]] = {}
 
@@ -128,12 +132,16 @@ class Pattern:
     def token_mask(self, seq_len: int) -> Tensor:
         """torch.bool [seq_len, seq_len]; True = query row may attend key column (causal included)."""
         _check_int("token_mask", "seq_len", seq_len, 1)
+        import torch
+
         pos = torch.arange(seq_len)
         return self.token_rule(pos[:, None], pos[None, :])
 
     def block_layout(self, num_blocks: int) -> Tensor:
         """torch.bool [num_blocks, num_blocks]; True = (q_block, kv_block) is computed."""
         _check_int("block_layout", "num_blocks", num_blocks, 1)
+        import torch
+
         b = torch.arange(num_blocks)
         return self.block_rule(b[:, None], b[None, :])
 
@@ -144,6 +152,8 @@ class Pattern:
     def density(self, seq_len: int) -> float:
         """Fraction of the causal (q, k) token pairs that the pattern attends."""
         _check_int("density", "seq_len", seq_len, 1)
+        import torch
+
         nb = self.num_blocks(seq_len)
         sizes = torch.full((nb,), self.block_size, dtype=torch.float64)
         sizes[-1] = seq_len - (nb - 1) * self.block_size
@@ -175,6 +185,8 @@ class Pattern:
 
 def _csr(rows: Tensor, cols: Tensor, full: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Sort (row, col) pairs into CSR with each row's full entries first, ascending within each part."""
+    import torch
+
     span = int(cols.max()) + 1 if cols.numel() else 1
     order = torch.argsort(rows.long() * (2 * span) + (~full).long() * span + cols.long())
     rows, cols, full = rows[order], cols[order], full[order]
@@ -187,6 +199,8 @@ def _csr(rows: Tensor, cols: Tensor, full: Tensor, n_rows: int) -> tuple[Tensor,
 
 @functools.lru_cache(maxsize=64)
 def _build_tables(pattern: Pattern, seq_len: int, tile_m: int, tile_n: int) -> BlockTables:
+    import torch
+
     bs = pattern.block_size
     nb = pattern.num_blocks(seq_len)
     # Block pairs row-chunk by row-chunk, so memory stays O(nb * chunk) at any length.
@@ -278,11 +292,9 @@ class LongNet(Pattern):
     name: ClassVar[str] = "longnet"
 
     def allowed(self, qb: Tensor, kb: Tensor) -> Tensor:
-        out = torch.zeros_like(qb - kb, dtype=torch.bool)
-        for i in range(self.levels):
-            seg, dil = self.segment << i, 1 << i
-            out = out | ((qb // seg == kb // seg) & (qb % dil == 0) & (kb % dil == 0))
-        return out
+        levels = [(qb // (self.segment << i) == kb // (self.segment << i)) & (qb % (1 << i) == 0)
+                  & (kb % (1 << i) == 0) for i in range(self.levels)]
+        return functools.reduce(operator.or_, levels)
 
 
 @register
@@ -293,4 +305,5 @@ class Full(Pattern):
     name: ClassVar[str] = "full"
 
     def allowed(self, qb: Tensor, kb: Tensor) -> Tensor:
-        return torch.ones_like(qb - kb, dtype=torch.bool)
+        d = qb - kb
+        return d == d  # True in the broadcast shape (integer positions: no NaN)

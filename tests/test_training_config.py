@@ -105,18 +105,39 @@ def test_hydra_rejects_an_unknown_override_before_train_runs():
         _compose("optim.lrr=1")
 
 
-def test_cli_rejects_a_mistyped_key_before_importing_torch():
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "lrr"),                                    # a mistyped key (Hydra)
+    ("optim.lr=-1", "optim.lr: must be > 0"),                  # a bad value (validate)
+    ("pattern.window=0", "window must be >= 1"),               # a bad pattern parameter
+    ("model.attention_backend=cuda", "model.attention_backend"),
+    ("checkpoint.max_shard_size=5XB", "checkpoint.max_shard_size"),
+])
+def test_cli_rejects_bad_config_before_importing_torch(override, message):
     # What makes `python train.py optim.lrr=1` fail in well under a second: nothing heavy loads first.
-    proc = subprocess.run([sys.executable, "-X", "importtime", "train.py", "optim.lrr=1"],
+    proc = subprocess.run([sys.executable, "-X", "importtime", "train.py", override],
                           cwd=CONFIGS.parent, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "lrr" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "hydra" in imported and not imported & {"torch", "deepspeed", "datasets"}
 
 
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size must be >= 1"), ("backend=cuda", "unknown backend 'cuda'"),
+    ("dtype=fp8", "unknown dtype 'fp8'"), ("+task.bogus=1", "no parameter(s) ['bogus']"),
+])
+def test_eval_cli_rejects_bad_config_before_importing_torch(tmp_path, override, message):
+    (tmp_path / "config.json").write_text("{}")  # passes the folder check; the weights are never read
+    proc = subprocess.run([sys.executable, "-X", "importtime", "eval.py", f"checkpoint={tmp_path}", override],
+                          cwd=CONFIGS.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and "torch" not in imported
+
+
 def test_config_modules_import_without_torch():
     # Config checks are importable without torch, sentencepiece or datasets: the package __init__s load lazily.
-    code = ("import sys, powerattn.data.config, powerattn.data.synthetic, powerattn.training.config\n"
+    code = ("import sys, powerattn.data.config, powerattn.data.synthetic, powerattn.training.config, "
+            "powerattn.evaluation.config, powerattn.model.config, powerattn.patterns, powerattn.choices\n"
             "print(sorted({'torch', 'sentencepiece', 'datasets', 'deepspeed'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=CONFIGS.parent, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -7,12 +7,9 @@
 (`powerattn.evaluation.runner.run`); docs/evaluation.md describes the tasks and the output schema.
 """
 
-from powerattn.evaluation.coverage import layered_coverage, run_receptive_field
-from powerattn.evaluation.generation import greedy_continuations
-from powerattn.evaluation.passkey import PasskeyGrid, passkey_grid, passkey_match, quick_passkey
-from powerattn.evaluation.perplexity import heldout_stores, run_perplexity
-from powerattn.evaluation.ruler import run_ruler
+from powerattn.lazy import lazy_exports
 
+# Loaded on first use: `powerattn.evaluation.config` checks an eval config without importing torch.
 __all__ = [
     "PasskeyGrid",
     "greedy_continuations",
@@ -25,3 +22,8 @@ __all__ = [
     "run_receptive_field",
     "run_ruler",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "layered_coverage": "coverage", "run_receptive_field": "coverage", "greedy_continuations": "generation",
+    "PasskeyGrid": "passkey", "passkey_grid": "passkey", "passkey_match": "passkey", "quick_passkey": "passkey",
+    "heldout_stores": "perplexity", "run_perplexity": "perplexity", "run_ruler": "ruler",
+})

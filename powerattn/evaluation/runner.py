@@ -13,7 +13,7 @@ import math
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,27 +25,17 @@ from powerattn.data.synthetic import make_task, passkey
 from powerattn.data.tokenizer import Tokenizer
 from powerattn.dtypes import DTYPES
 from powerattn.evaluation import plots
+from powerattn.evaluation.config import check_eval_config
 from powerattn.evaluation.coverage import run_receptive_field
 from powerattn.evaluation.passkey import cell_seed, check_lengths, passkey_grid, resolve_depths
 from powerattn.evaluation.perplexity import MODES, heldout_stores, run_perplexity
 from powerattn.evaluation.ruler import check_tasks, run_ruler
 from powerattn.model import from_pretrained, load_config, resolve_attention_schedule
-from powerattn.ops import BACKENDS
 from powerattn.patterns import Pattern, pattern_from_dict
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "powerattn.eval/1"
-TASKS = ("passkey", "ruler", "ppl", "receptive_field")
-# The parameters each task accepts: a typo is an error, not a silently ignored key.
-TASK_KEYS = {
-    "passkey": {"name", "lengths", "depths", "samples", "digits"},
-    "ruler": {"name", "lengths", "samples", "tasks"},
-    "ppl": {"name", "lengths", "data", "text_field", "cache_dir", "tokens_per_length", "buckets", "mode"},
-    "receptive_field": {"name", "length", "depths", "samples", "digits"},
-}
-
-
 def auto_lengths(max_len: int, count: int, minimum: int = 256) -> list[int]:
     """`count` doubling lengths ending at max_len (none below `minimum` unless max_len is)."""
     out = [max_len >> k for k in reversed(range(count)) if max_len >> k >= minimum]
@@ -72,59 +62,15 @@ def resolve_pattern(spec, saved: Mapping | None) -> tuple[Pattern | None, Any]:
     return pattern_from_dict(spec), spec.get("schedule")
 
 
-@dataclass
-class EvalConfig:
-    """The schema of configs/eval.yaml (defaults and comments there)."""
-
-    checkpoint: str | None = None
-    task: Any = None                    # a task name, or a mapping {name: ..., <task parameters>}
-    tokenizer: str | None = None
-    pattern: Any = None
-    attention_schedule: Any = None
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 1
-    seed: int = 0
-    progress: bool = True
-    output_dir: str = "."
-
-
-def eval_config(cfg) -> EvalConfig:
-    """The composed eval config (or a mapping) merged into EvalConfig: unknown keys and wrong types fail."""
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    raw = OmegaConf.create(cfg)
-    with open_dict(raw):
-        raw.pop("hydra", None)
-    missing = [k for k in ("checkpoint", "task") if k not in raw or OmegaConf.is_missing(raw, k) or raw[k] is None]
-    if missing:
-        raise ValueError(f"eval: set {' and '.join(missing)} (checkpoint=DIR task=passkey)")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw))
-    except OmegaConfBaseException as e:
-        raise ValueError(f"eval: {e.full_key}: {str(e).splitlines()[0]}") from None
-
-
 class Job:
     """A checked evaluation config: everything resolved that can be without reading the weights."""
 
     def __init__(self, cfg):
-        e = eval_config(cfg)
+        e = check_eval_config(cfg)
         self.cfg = asdict(e)
         self.checkpoint = Path(e.checkpoint).expanduser().resolve()
-        if not (self.checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {str(self.checkpoint)!r} is not an HF model folder "
-                                    "(no config.json)")
         self.task = dict(e.task) if isinstance(e.task, Mapping) else {"name": e.task}
-        self.name = self.task.get("name")
-        if self.name not in TASKS:
-            raise ValueError(f"eval: unknown task {self.name!r}; choose one of {TASKS}")
-        unknown = sorted(set(self.task) - TASK_KEYS[self.name])
-        if unknown:
-            raise ValueError(f"eval: task {self.name!r} has no parameter(s) {unknown}; it accepts "
-                             f"{sorted(TASK_KEYS[self.name])}")
+        self.name = self.task["name"]
         self.model_config = load_config(self.checkpoint)
         self.saved = self.model_config.hf_extra.get("powerattn") or {}
         self.pattern, self.schedule = resolve_pattern(e.pattern, self.saved.get("pattern"))
@@ -143,16 +89,10 @@ class Job:
         dtype = e.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"eval: unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype]
         self.backend = e.backend
-        if self.backend not in BACKENDS:
-            raise ValueError(f"eval: unknown backend {self.backend!r}; choose one of {BACKENDS}")
         resolve_attention_schedule(self.schedule, self.model_config.num_hidden_layers)  # raises on a bad one
         self.batch_size = e.batch_size
-        if self.batch_size < 1:
-            raise ValueError(f"eval: batch_size must be >= 1, got {self.batch_size}")
         self.seed, self.progress = e.seed, e.progress
         self.output_dir = Path(e.output_dir).expanduser()
         self._check_task()

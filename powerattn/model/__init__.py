@@ -1,35 +1,26 @@
 """LLaMA-family model (Llama-2/3, Mistral, Qwen2) with per-layer sparse attention and HF safetensors I/O."""
 
-from powerattn.model.config import (
-    CheckpointError,
-    LlamaConfig,
-    extend_context,
-    load_config,
-    resolve_attention_schedule,
-)
-from powerattn.model.context import AttentionContext, Documents, find_documents
-from powerattn.model.flops import flops_per_token
-from powerattn.model.hf_io import from_pretrained, save_pretrained
-from powerattn.model.kv_cache import KVCache
-from powerattn.model.llama import LlamaForCausalLM
-from powerattn.model.loss import IGNORE_INDEX, TokenLoss, chunked_cross_entropy, next_token_targets
+from powerattn.lazy import lazy_exports
 
-__all__ = [
-    "IGNORE_INDEX",
-    "AttentionContext",
-    "CheckpointError",
-    "Documents",
-    "KVCache",
-    "LlamaConfig",
-    "LlamaForCausalLM",
-    "TokenLoss",
-    "chunked_cross_entropy",
-    "extend_context",
-    "find_documents",
-    "flops_per_token",
-    "from_pretrained",
-    "load_config",
-    "next_token_targets",
-    "resolve_attention_schedule",
-    "save_pretrained",
-]
+# Each name loads its submodule on first use: `powerattn.model.config` (configs, config.json) needs no torch.
+EXPORTS = {
+    "IGNORE_INDEX": "loss",
+    "TokenLoss": "loss",
+    "chunked_cross_entropy": "loss",
+    "next_token_targets": "loss",
+    "AttentionContext": "context",
+    "Documents": "context",
+    "find_documents": "context",
+    "CheckpointError": "config",
+    "LlamaConfig": "config",
+    "extend_context": "config",
+    "load_config": "config",
+    "resolve_attention_schedule": "config",
+    "KVCache": "kv_cache",
+    "LlamaForCausalLM": "llama",
+    "flops_per_token": "flops",
+    "from_pretrained": "hf_io",
+    "save_pretrained": "hf_io",
+}
+__all__ = sorted(EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)

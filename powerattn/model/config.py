@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,3 +331,18 @@ def resolve_attention_schedule(
             f"attention_schedule {layers}: indices must be unique and in [0, {num_layers}); bad: {bad}"
         )
     return tuple(sorted(layers))
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} not understood; use bytes or e.g. '5GB', '500MB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return max(1, int(float(m.group(1)) * scale))

@@ -24,7 +24,7 @@ from torch import nn
 from powerattn.atomic import replace_dir
 from powerattn.dtypes import to_dtype
 from powerattn.manifest import LEVELS, ManifestError, publish_permissions, verify_if_sealed
-from powerattn.model.config import CheckpointError, LlamaConfig, load_config
+from powerattn.model.config import CheckpointError, LlamaConfig, load_config, parse_size
 from powerattn.model.llama import LlamaForCausalLM
 from powerattn.model.zero3 import (
     full_shape,
@@ -228,21 +228,6 @@ def _read_flat(tensor_slice, shape: torch.Size, start: int, count: int) -> torch
     row = shape[1:].numel()
     first, last = start // row, -(-(start + count) // row)
     return tensor_slice[first:last].reshape(-1)[start - first * row:start - first * row + count]
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 1:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} not understood; use bytes or e.g. '5GB', '500MB'")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return max(1, int(float(m.group(1)) * scale))
 
 
 def _config_json(model: LlamaForCausalLM, dtype_name: str) -> dict:

@@ -214,8 +214,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Value checks that need no files, processes or devices (those follow in the trainer)."""
-    from powerattn.model.config import FUSED_OPS
-    from powerattn.ops import BACKENDS
+    from powerattn.choices import BACKENDS
+    from powerattn.model.config import FUSED_OPS, parse_size
 
     _check(cfg.precision in PRECISIONS, "precision", f"{cfg.precision!r} is not one of {PRECISIONS}")
     _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name",
@@ -290,8 +290,6 @@ def validate(cfg: TrainConfig) -> None:
     _check(c.save_dtype is None or c.save_dtype in SAVE_DTYPES, "checkpoint.save_dtype",
            f"{c.save_dtype!r} is not one of {SAVE_DTYPES} or null")
     _check(c.verify in VERIFY_LEVELS, "checkpoint.verify", f"{c.verify!r} is not one of {VERIFY_LEVELS}")
-    from powerattn.model.hf_io import parse_size
-
     try:
         parse_size(c.max_shard_size)
     except ValueError as e:
