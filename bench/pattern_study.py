@@ -385,13 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     from powerattn.data.config import as_data_config
     from powerattn.data.tokenizer import Tokenizer
 
-    base = [f"+experiment={EXPERIMENT}", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
+    overrides = [f"+experiment={EXPERIMENT}", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
     base_overrides = [f"+experiment={BASE_EXPERIMENT}", *(SMOKE_OVERRIDES + SMOKE_BASE if args.smoke else []),
                       *args.base_override]
-    cfg, base_cfg = compose(base), compose(base_overrides)  # a bad override fails here, before any training
+    cfg, base_cfg = compose(overrides), compose(base_overrides)  # a bad override fails here, before any training
     ev = dict(SMOKE_EVAL if args.smoke else EVAL)
     base_ev = {**ev, "lengths": [max(s.seq_len for s in base_cfg.curriculum.stages)]}
-    study = {"schema": SCHEMA, "environment": environment(), "experiment": EXPERIMENT, "overrides": base,
+    study = {"schema": SCHEMA, "environment": environment(), "experiment": EXPERIMENT, "overrides": overrides,
              "base": {"experiment": BASE_EXPERIMENT, "overrides": base_overrides, "eval": base_ev,
                       "stages": [dict(s) for s in base_cfg.curriculum.stages],
                       "recipe": {k: OmegaConf.to_container(base_cfg[k], resolve=True) for k in ("data", "optim",
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             study["patterns"].update(part["patterns"])
     else:
         for name in args.patterns:  # the prediction exists before anything is trained
-            pcfg = compose([*base, f"pattern={name}"])
+            pcfg = compose([*overrides, f"pattern={name}"])
             study["patterns"][name] = {"pattern": OmegaConf.to_container(pcfg.pattern, resolve=True)}
             study["patterns"][name]["pattern"].pop("schedule", None)
     # Eval prompts are built with the checkpoint's tokenizer, the base's: so are the predicted needle spans.
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"base (full, {base_ev['lengths'][0]} tokens): mean passkey {acc:.0f}% "
               f"({result['train_seconds']:.0f} s training)", flush=True)
     # The patterns' data use the base's tokenizer (data.tokenizer defaults to model.path).
-    continued = [*base, f"model.path={base_model}"]
+    continued = [*overrides, f"model.path={base_model}"]
     prepare_data(compose(continued))
     gpus = _gpus(args)
     with ThreadPoolExecutor(args.jobs) as pool:
