@@ -9,6 +9,9 @@
                                                       # 0-1000 tokens, random token sequences
     python bench/retrieval_probe.py induction-ab --steps 300  # a 2-layer model learning to copy random
                                                       # tokens: ours against transformers' LLaMA, same data
+    python bench/retrieval_probe.py relay-ab --steps 800  # full vs power learning passkey from scratch on
+                                                      # 256-token documents; exact answers split by
+                                                      # whether the needle is one power hop away
 
 `answerable` reads the loader's own batches (40 batches of 64K tokens a stage), so packing, splitting
 of long documents and the mixture are exactly what training sees.
@@ -153,6 +156,78 @@ def induction_ab(steps: int, vocab: int = 256, width: int = 128, half: int = 64,
             print(f"step {step}: first / second half NLL: " + ", ".join(line), flush=True)
 
 
+def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, batch: int = 32,
+             heldout: int = 600) -> dict:
+    """Full attention vs power (blocks of 16, window 2: one hop reaches block distances 0, 1, 2, 4, 8 and
+    the sink) from the same init on the same batches of short passkey documents (one per row, <= 256
+    tokens); exact teacher-forced answers on held-out documents, split by whether the needle is one power
+    hop from the answer's block. Power needs relays for the rest; full reaches every needle directly."""
+    import random
+    import tempfile
+    import time
+
+    import torch
+
+    from powerattn import make_pattern
+    from powerattn.data.synthetic import training_document
+    from powerattn.data.tokenizer import train_tokenizer
+    from powerattn.model import LlamaConfig, LlamaForCausalLM
+
+    texts = [training_document("passkey", s, random.Random(s).randint(4, 18)) for s in range(docs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(texts[:3000], 512, Path(tmp) / "tok.model")
+
+    def encode(ts):
+        rows = [[tok.bos_id] + tok.encode(t, bos=False) for t in ts]
+        return [r for r in rows if len(r) <= length]
+
+    train = encode(texts)
+    held = encode(training_document("passkey", s, random.Random(s).randint(4, 18))
+                  for s in range(10**6, 10**6 + heldout))
+    shape = dict(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=length,
+                 tie_word_embeddings=True)
+    power = make_pattern("power", block_size=block, window=2, sink=1)
+    models = {}
+    for name, pattern in (("full", None), ("power", power)):
+        torch.manual_seed(0)
+        models[name] = LlamaForCausalLM(LlamaConfig(**shape), pattern=pattern, backend="torch")
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01) for k, m in models.items()}
+    rng, start = random.Random(1), time.time()
+    for step in range(1, steps + 1):
+        rows = rng.sample(train, min(batch, len(train)))
+        n = max(map(len, rows))
+        x = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+        scored = torch.tensor([[1.0] * (len(r) - 1) + [0.0] * (n - len(r)) for r in rows])
+        answer = torch.zeros_like(scored)
+        for i, r in enumerate(rows):
+            answer[i, len(r) - 6:len(r) - 1] = 1  # the five digits that end every document
+        line = []
+        for name, m in models.items():
+            nll = -m(x)[:, :-1].log_softmax(-1).gather(2, x[:, 1:, None])[..., 0]
+            ((nll * scored).sum() / scored.sum()).backward()
+            opts[name].step()
+            opts[name].zero_grad()
+            line.append(f"{name} {(nll * answer).sum() / answer.sum():.2f}")
+        if step % 100 == 0 or step == steps:
+            print(f"step {step} ({time.time() - start:.0f} s): answer NLL " + ", ".join(line), flush=True)
+    layout = power.block_layout(length // block)
+    out = {name: {"one_hop": [0, 0], "relay": [0, 0]} for name in models}
+    with torch.no_grad():
+        for r in held:
+            key = r[-5:]
+            at = next(i for i in range(len(r) - 5) if r[i:i + 5] == key)  # the needle's copy of the key
+            qb = (len(r) - 6) // block
+            group = "one_hop" if any(layout[qb, kb] for kb in {at // block, (at + 4) // block}) else "relay"
+            for name, m in models.items():
+                out[name][group][0] += m(torch.tensor([r]))[0, len(r) - 6:len(r) - 1].argmax(-1).tolist() == key
+                out[name][group][1] += 1
+    for name, groups in out.items():
+        print(f"{name}: exact answers, needle one power hop away {groups['one_hop'][0]}/{groups['one_hop'][1]}, "
+              f"needing a relay {groups['relay'][0]}/{groups['relay'][1]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -166,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("checkpoint")
     i = sub.add_parser("induction-ab")
     i.add_argument("--steps", type=int, default=300)
+    r = sub.add_parser("relay-ab")
+    r.add_argument("--steps", type=int, default=800)
     args = p.parse_args(argv)
     if args.cmd == "answerable":
         answerable(args.overrides)
@@ -173,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         answer_nll(args.checkpoint, args.length, args.prompts)
     elif args.cmd == "copying":
         copying(args.checkpoint)
+    elif args.cmd == "relay-ab":
+        relay_ab(args.steps)
     else:
         induction_ab(args.steps)
 
