@@ -209,11 +209,9 @@ def train_and_eval(name: str, overrides: list[str], ev: dict, out: Path, env: di
 def train_base(args, overrides: list[str], ev: dict) -> tuple[dict, Path]:
     """The full-attention base every pattern continues; its model folder stays under DIR/runs/base/model."""
     entry, model = train_and_eval("base", overrides, ev, Path(args.out), _env(args, _gpus(args)[0]))
-    kept = Path(args.out) / "runs" / "base" / "model"
-    if model != kept:  # one stable place, whatever the checkpoint step was called
-        shutil.rmtree(kept, ignore_errors=True)
-        shutil.copytree(model, kept)
-        shutil.rmtree(Path(args.out) / "runs" / "base" / "checkpoints", ignore_errors=True)
+    kept = Path(args.out) / "runs" / "base" / "model"  # one stable place, whatever the step was called
+    shutil.move(model, kept)
+    shutil.rmtree(Path(args.out) / "runs" / "base" / "checkpoints", ignore_errors=True)
     return entry, kept
 
 
