@@ -5,7 +5,9 @@
 #  - `+experiment=llama3_8b_128k model.path=<folder>` (ZeRO-3, Ulysses over both GPUs, power) for STEPS steps
 #    at 64K and then at 128K in one run (one load), and `full` at 64K for the ratio;
 #  - the two-GPU checks of `bench/gpu_train.sh OUT 2gpu` (Llama-3.2-1B shape: the loss curve of SP=2 against
-#    SP=1 at 16K, ZeRO-3 + SP=2 at 128K).
+#    SP=1 at 16K, ZeRO-3 + SP=2 at 128K);
+#  - preemption and a changed GPU count (bench/gpu_lib.sh run_preempt_checks): the SP=2 16K run SIGTERMed after
+#    its second step, resumed, and its checkpoint continued on one GPU.
 # Per run and length: load time (from the log's timestamps), tokens/s, MFU, peak memory (torch, rank 0) and
 # the most memory nvidia-smi saw on each GPU.
 #
@@ -17,9 +19,10 @@
 #   1. the 8B folder on GPU 0 (background) while the 1B SP=1 16K run uses GPU 1
 #   2. 8B power: 64K, then 128K
 #   3. 1B SP=2 16K (its loss curve against 1.'s)
-#   4. 1B ZeRO-3 + SP=2 at 128K
-#   5. 8B full at 64K (the ratio; the most expendable)
-# SKIP="sp2_128k 8b_full" leaves runs out; WITH_256K=1 adds, after 2., power at 256K with
+#   4. preemption, resume, the checkpoint on one GPU (their loss curves against 3.'s)
+#   5. 1B ZeRO-3 + SP=2 at 128K
+#   6. 8B full at 64K (the ratio; the most expendable)
+# SKIP="sp2_128k 8b_full" leaves runs out (PREEMPT=0: the four runs of 4.); WITH_256K=1 adds, after 2., power at 256K with
 # model.offload_activations and model.tiled_mlp=8192 (issue 16; predicted 76.5 GiB per GPU, 128 without).
 # MODEL_DIR (default /tmp/powerattn_llama3_8b) receives the folder, never OUT. A CPU rehearsal of the script's logic (tests/test_gpu_8b.py): DS_ACCELERATOR=cpu SHAPE=tiny
 # SHORT=256 LONG=512 ONLY_8B=1 EXTRA='model.arch=null pattern.block_size=64 precision=fp32'.
@@ -38,9 +41,10 @@ env_json "$OUT/env_8b.json"
 trap 'pack 8b' EXIT
 NAMES=(make_hf 8b_power 8b_full)
 [ -z "${WITH_256K:-}" ] || NAMES+=(8b_256k_switched)
-[ -n "${ONLY_8B:-}" ] || NAMES+=(sp1_16k sp2_16k sp2_128k)
+[ -n "${ONLY_8B:-}" ] || NAMES+=(sp1_16k sp2_16k preempt preempt_resume one_gpu_refused one_gpu_weights sp2_128k)
 report() {
-    summarize 8b --compare sp2_16k sp1_16k "${NAMES[@]}" > /dev/null
+    summarize 8b --compare sp2_16k sp1_16k --compare preempt sp2_16k --compare one_gpu_weights sp2_16k \
+        "${NAMES[@]}" > /dev/null
     pack 8b
 }
 
@@ -83,6 +87,10 @@ fi
 if [ -z "${ONLY_8B:-}" ]; then
     run_1b_sp2_16k 120
     report
+    if [ "${PREEMPT:-1}" != 0 ]; then
+        run_preempt_checks
+        report
+    fi
     run_1b_sp2_128k 180
     report
 fi

@@ -133,3 +133,44 @@ run_1b_sp1_16k() {  # ... and on one GPU (GPU index, default 0): the two must ag
     run sp1_16k "${2:-120}" env CUDA_VISIBLE_DEVICES="${1:-0}" python train.py "${ONE_B[@]}" "${BENCH_ARGS[@]}" \
         "data.tokenizer=$TOK" $(docs 12 24000) "${ONE_B_16K[@]}" "output_dir=$WORK/runs/sp1_16k"
 }
+
+# Preemption and a changed GPU count on two GPUs (issue 17), on the sp2_16k run's exact config, so its loss curve
+# is the uninterrupted reference: `preempt` is SIGTERMed (the launcher script, launch/torchrun.sh, as SLURM
+# would) once its second step is logged; every rank finishes its step and writes one checkpoint, exit 0.
+# `preempt_resume` is the same command again (resume=auto). Then the checkpoint on ONE GPU (SP=1):
+# `one_gpu_refused` must stop with the one-line layout error, `one_gpu_weights` (resume_optimizer=false)
+# continues from its model/ weights with a fresh optimizer. TOK must hold default_tok's path.
+preempt_cmd() {  # the launcher with the sp2_16k config into runs/preempt
+    echo env PREEMPT_TARGET=1 NPROC=2 launch/torchrun.sh "${ONE_B[@]}" "${BENCH_ARGS[@]}" "data.tokenizer=$TOK" \
+        $(docs 12 24000) "${ONE_B_16K[@]}" parallel.sequence_parallel_size=2 "output_dir=$WORK/runs/preempt"
+}
+sigterm_launcher_after() {  # STEPS: SIGTERM launch/torchrun.sh once runs/preempt logged STEPS steps
+    local metrics=$WORK/runs/preempt/metrics.jsonl p
+    for _ in $(seq 600); do
+        if [ -f "$metrics" ] && [ "$(wc -l < "$metrics")" -ge "$1" ]; then
+            for p in /proc/[0-9]*; do
+                grep -qzx PREEMPT_TARGET=1 "$p/environ" 2>/dev/null && grep -qa "launch/torchrun.sh" "$p/cmdline" \
+                    && kill -TERM "${p#/proc/}" && echo "SIGTERM to launch/torchrun.sh (pid ${p#/proc/})" \
+                    "after step $(wc -l < "$metrics")" >> "$WORK/status.txt"
+            done
+            return 0
+        fi
+        sleep 0.5
+    done
+}
+run_preempt_checks() {
+    local cmd
+    read -r -a cmd <<< "$(preempt_cmd)"
+    sigterm_launcher_after 2 &
+    local watcher=$!
+    run preempt 150 "${cmd[@]}"
+    kill "$watcher" 2> /dev/null
+    run preempt_resume 120 "${cmd[@]}"
+    local ckpt
+    ckpt=$(ls -d "$WORK"/runs/preempt/checkpoints/step_* 2> /dev/null | head -n 1)
+    [ -n "$ckpt" ] || { echo "no preemption checkpoint" | tee -a "$WORK/status.txt"; return 1; }
+    one_gpu=(env CUDA_VISIBLE_DEVICES=0 python train.py "${ONE_B[@]}" "${BENCH_ARGS[@]}" "data.tokenizer=$TOK"
+             $(docs 12 24000) "${ONE_B_16K[@]}" parallel.sequence_parallel_size=1 "resume=$ckpt")
+    run one_gpu_refused 60 "${one_gpu[@]}" "output_dir=$WORK/runs/one_gpu_refused"
+    run one_gpu_weights 90 "${one_gpu[@]}" resume_optimizer=false "output_dir=$WORK/runs/one_gpu_weights"
+}

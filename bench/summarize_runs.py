@@ -1,6 +1,6 @@
 """Summary of train.py benchmark runs (bench/gpu_train.sh, bench/gpu_8b.sh): one row per run and length.
 
-    python bench/summarize_runs.py WORK OUT.json RUN [RUN ...] [--compare A B] [--table OUT.txt]
+    python bench/summarize_runs.py WORK OUT.json RUN [RUN ...] [--compare A B]... [--table OUT.txt]
 
 WORK holds, per run NAME: runs/NAME/{metrics.jsonl,config.yaml} (train.py's), NAME.log (its output,
 each line prefixed by `[seconds since start]`), optionally NAME.smi.csv (nvidia-smi samples: gpu index,
@@ -137,12 +137,12 @@ def run_rows(work: Path, name: str, status: dict, warmup: int = 1) -> dict[str, 
             "mfu": _median(timed, "mfu"), "step_time_s": _median(timed, "step_time_s"),
             "peak_mem_gb": max((r["peak_mem_gb"] for r in stage if r.get("peak_mem_gb") is not None),
                                default=None),
-            "losses": [round(r["loss"], 5) for r in stage], **common,
+            "first_step": stage[0].get("step"), "losses": [round(r["loss"], 5) for r in stage], **common,
         }
     return rows
 
 
-def summarize(work: Path, names: list[str], compare: tuple[str, str] | None = None, warmup: int = 1) -> dict:
+def summarize(work: Path, names: list[str], compare: list[tuple[str, str]] = (), warmup: int = 1) -> dict:
     status = read_status(work)
     rows: dict[str, dict] = {}
     for name in names:
@@ -154,10 +154,14 @@ def summarize(work: Path, names: list[str], compare: tuple[str, str] | None = No
         if full and r.get("tokens_per_s") and r.get("seq_len"):
             r["speedup_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
     out: dict = dict(rows)
-    if compare and compare[0] in rows and compare[1] in rows:
-        a, b = rows[compare[0]].get("losses", []), rows[compare[1]].get("losses", [])
-        diffs = [abs(x - y) for x, y in zip(a, b)]
-        out[f"{compare[0]}_vs_{compare[1]}_max_abs_loss_diff"] = max(diffs) if diffs else None
+    for first, second in compare:
+        if first in rows and second in rows:
+            a, b = rows[first], rows[second]  # step by step: a resumed run's rows start later
+            shift = (a.get("first_step") or 1) - (b.get("first_step") or 1)
+            pairs = zip(a.get("losses", []), b.get("losses", [])[shift:]) if shift >= 0 else \
+                zip(a.get("losses", [])[-shift:], b.get("losses", []))
+            diffs = [abs(x - y) for x, y in pairs]
+            out[f"{first}_vs_{second}_max_abs_loss_diff"] = max(diffs) if diffs else None
     return out
 
 
@@ -197,11 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("work", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("runs", nargs="+")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="max |loss difference| of two runs, step by step")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="max |loss difference| of two runs, step by step (repeatable)")
     p.add_argument("--table", type=Path, help="also write the table here")
     p.add_argument("--warmup", type=int, default=1, help="steps of each length left out of the medians")
     args = p.parse_args(argv)
-    summary = summarize(args.work, args.runs, tuple(args.compare) if args.compare else None, args.warmup)
+    summary = summarize(args.work, args.runs, [tuple(c) for c in args.compare], args.warmup)
     args.out.write_text(json.dumps(summary, indent=1))
     text = table(summary)
     if args.table:

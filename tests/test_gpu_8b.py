@@ -74,7 +74,7 @@ def test_summary_rows_per_length_speedups_phases_and_errors(tmp_path):
     (work / "b.log").write_text(_stamped([(3.0, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
                                                 "2.00 GiB")]))
     (work / "status.txt").write_text("a_power rc=0 70s\na_full rc=0 40s\nb rc=1 5s\nc skipped (budget: 3s left)\n")
-    out = summarize_runs.summarize(work, ["a_power", "a_full", "b", "c"], compare=("a_power@1K", "a_full"))
+    out = summarize_runs.summarize(work, ["a_power", "a_full", "b", "c"], compare=[("a_power@1K", "a_full")])
     p1, p2, full = out["a_power@1K"], out["a_power@2K"], out["a_full"]
     assert (p1["steps"], p1["tokens_per_s"], p2["tokens_per_s"]) == (3, 210.0, 180.0)  # first step left out
     assert p1["speedup_vs_full"] == pytest.approx(2.1) and "speedup_vs_full" not in p2
