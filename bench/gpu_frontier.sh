@@ -7,6 +7,7 @@
 #   2. 8b_offload_128k: the activation offload alone at 128K  } what each switch saves on its own, beside
 #   3. 8b_tiled_128k:   the tiled MLP alone at 128K            } gpu_8b.sh's 128K run with neither
 #   4. 8b_full_64k:     full attention at 64K (the ratio to gpu_8b.sh's power at 64K; the most expendable)
+# (2. and 3. run at the first of LENGTHS and are named by it, 4. at SHORT.)
 # Beside them, OUT/plan_frontier.txt: the memory planner's prediction of each (python -m powerattn.memory).
 #
 #   BUDGET_S=540 bash bench/gpu_frontier.sh OUT   # OUT: table_frontier.txt (also printed), summary_frontier.json,
@@ -26,7 +27,8 @@ SHORT=${SHORT:-65536}
 read -r -a EXTRA <<< "${EXTRA:-}"
 env_json "$OUT/env_frontier.json"
 trap 'pack frontier' EXIT
-NAMES=(8b_switched 8b_offload_128k 8b_tiled_128k 8b_full_64k)
+K=$(( LONG / 1024 ))k
+NAMES=(8b_switched "8b_offload_$K" "8b_tiled_$K" "8b_full_$(( SHORT / 1024 ))k")
 report() {
     summarize frontier "${NAMES[@]}" > /dev/null
     pack frontier
@@ -57,21 +59,21 @@ plan() {  # NAME OVERRIDES...: the planner's prediction for the run, appended to
 }
 : > "$OUT/plan_frontier.txt"
 plan 8b_switched "${EIGHT_B[@]}" "${SWITCHED[@]}" "$(stages "${LENGTHS[@]}")" $(rows "$BIGGEST")
-plan 8b_offload_128k "${EIGHT_B[@]}" model.offload_activations=true "$(stages "$LONG")" $(rows "$LONG")
-plan 8b_tiled_128k "${EIGHT_B[@]}" model.tiled_mlp=8192 "$(stages "$LONG")" $(rows "$LONG")
-plan 8b_neither_128k "${EIGHT_B[@]}" "$(stages "$SHORT" "$LONG")" $(rows "$LONG")
+plan "8b_offload_$K" "${EIGHT_B[@]}" model.offload_activations=true "$(stages "$LONG")" $(rows "$LONG")
+plan "8b_tiled_$K" "${EIGHT_B[@]}" model.tiled_mlp=8192 "$(stages "$LONG")" $(rows "$LONG")
+plan "8b_neither_$K" "${EIGHT_B[@]}" "$(stages "$SHORT" "$LONG")" $(rows "$LONG")
 
 run 8b_switched 330 "${torchrun2[@]}" "${EIGHT_B[@]}" "${SWITCHED[@]}" "$(stages "${LENGTHS[@]}")" \
     $(rows "$BIGGEST") "output_dir=$WORK/runs/8b_switched"
 report
-run 8b_offload_128k 120 "${torchrun2[@]}" "${EIGHT_B[@]}" model.offload_activations=true "$(stages "$LONG")" \
-    $(rows "$LONG") "output_dir=$WORK/runs/8b_offload_128k"
+run "${NAMES[1]}" 120 "${torchrun2[@]}" "${EIGHT_B[@]}" model.offload_activations=true "$(stages "$LONG")" \
+    $(rows "$LONG") "output_dir=$WORK/runs/${NAMES[1]}"
 report
-run 8b_tiled_128k 120 "${torchrun2[@]}" "${EIGHT_B[@]}" model.tiled_mlp=8192 "$(stages "$LONG")" \
-    $(rows "$LONG") "output_dir=$WORK/runs/8b_tiled_128k"
+run "${NAMES[2]}" 120 "${torchrun2[@]}" "${EIGHT_B[@]}" model.tiled_mlp=8192 "$(stages "$LONG")" \
+    $(rows "$LONG") "output_dir=$WORK/runs/${NAMES[2]}"
 report
-run 8b_full_64k 150 "${torchrun2[@]}" "${EIGHT_B[@]}" pattern=full "$(stages "$SHORT")" $(rows "$SHORT") \
-    "output_dir=$WORK/runs/8b_full_64k"
+run "${NAMES[3]}" 150 "${torchrun2[@]}" "${EIGHT_B[@]}" pattern=full "$(stages "$SHORT")" $(rows "$SHORT") \
+    "output_dir=$WORK/runs/${NAMES[3]}"
 report
 cat "$OUT/table_frontier.txt"
 echo "total $(( $(date +%s) - DEADLINE + ${BUDGET_S:-540} ))s of ${BUDGET_S:-540}s; results in $OUT"

@@ -38,6 +38,8 @@ DS_SUB_GROUP = 10**9
 # 12 GiB reserved but free).
 OUTSIDE_ALLOCATOR_GIB = 1.5
 SAFE_FRACTION = 0.9
+# The share of a node's RAM that pinned offload buffers may take: the OS, data workers and page cache need the rest.
+HOST_SAFE_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,57 @@ def verdict(peak: float, gpu_gib: float) -> str:
     return "DOES NOT FIT"
 
 
+def host_fits(host_per_gpu: float, gpus_per_node: int, host_gib: float | None) -> bool:
+    """Whether the node's CPU memory holds what every GPU's process offloads (True when unknown)."""
+    return host_gib is None or host_per_gpu * gpus_per_node / GiB <= HOST_SAFE_FRACTION * host_gib
+
+
+def host_verdict(host_per_gpu: float, gpus_per_node: int, host_gib: float | None) -> str:
+    """The table's host note ("" when nothing is offloaded)."""
+    if not host_per_gpu:
+        return ""
+    note = f"; host {host_per_gpu / GiB:.0f} GiB"
+    if host_fits(host_per_gpu, gpus_per_node, host_gib):
+        return note
+    return f"{note} x {gpus_per_node} GPUs: HOST MEMORY DOES NOT FIT ({host_gib:.0f} GiB)"
+
+
+def local_host_gib() -> float | None:
+    """This machine's physical memory (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg, world: int, sp: int, stages: list[tuple[int, int, int]], gpu_gib: float,
+               gpus_per_node: int, host_gib: float | None) -> None:
+    """ConfigError naming the first curriculum stage (index, seq_len, rows per micro-batch) whose predicted
+    peak does not fit the GPU, or whose offloaded activations do not fit the node's memory, with the
+    switches that would make it fit; train.py calls this before anything starts (check_memory)."""
+    from powerattn.training.config import ConfigError
+
+    config, _ = _model_config(cfg)
+    layout = Layout.from_deepspeed(cfg.deepspeed, world, sp, "bf16" if cfg.precision == "auto" else cfg.precision)
+    params = count_parameters(config)
+    for index, seq_len, micro in stages:
+        tokens = micro * seq_len // sp
+        e = estimate(config, tokens, layout, params)
+        gpu_short = verdict(e.peak, gpu_gib) == "DOES NOT FIT"
+        if not gpu_short and host_fits(e.host, gpus_per_node, host_gib):
+            continue
+        where = (f"~{e.peak / GiB:.0f} GiB per GPU, the GPU has {gpu_gib:.0f}" if gpu_short else
+                 f"{e.host / GiB:.0f} GiB of CPU memory per GPU x {gpus_per_node}, the node has {host_gib:.0f}")
+        fixes = [what for what, alt in ((w, estimate(c, tokens, lay, params)) for w, c, lay in
+                                          _alternatives(config, layout))
+                 if verdict(alt.peak, gpu_gib) == "fits" and host_fits(alt.host, gpus_per_node, host_gib)]
+        raise ConfigError(
+            f"memory: curriculum stage {index} (seq_len {seq_len}, {tokens} tokens per GPU) needs {where} "
+            f"(python -m powerattn.memory with these overrides shows the terms); "
+            + (f"{fixes[0]} would fit, or " if fixes else "")
+            + "set check_memory=false to start anyway")
+
+
 # ---- CLI: compose the run's config as train.py would, then one line per curriculum stage ---------------
 
 
@@ -192,10 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-mem", type=float, default=None,
                    help="GiB per GPU (default: this machine's GPU, else 139.8, an H200)")
+    p.add_argument("--host-mem", type=float, default=None,
+                   help="GiB of CPU memory per node (default: this machine's)")
     p.add_argument("--lengths", type=int, nargs="*", default=[],
                    help="also these sequence lengths, one row per micro-batch")
     p.add_argument("--config-dir", type=Path, default=Path(__file__).resolve().parents[1] / "configs")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before, between or after the options
     # Experiments may size Ulysses from the launcher's variables; answer for the layout asked about.
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(args.gpus))
     os.environ.setdefault("WORLD_SIZE", str(args.gpus * args.nodes))
@@ -214,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     config, source = _model_config(cfg)
     precision = "bf16" if cfg.precision == "auto" else cfg.precision
     layout = Layout.from_deepspeed(cfg.deepspeed, world, sp, precision)
-    gpu = args.gpu_mem or _local_gpu_gib() or 139.8
+    gpu = args.gpu_mem or local_gpu_gib() or 139.8
+    host_gib = args.host_mem or local_host_gib()
     params = count_parameters(config)
     base = estimate(config, 1, layout, params)
     ckpt = len(config.checkpointed_layers())
@@ -239,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, seq_len, micro in rows:
         tokens = micro * seq_len // sp
         e = estimate(config, tokens, layout, params)
-        host = f"; host {e.host / GiB:.0f} GiB" if e.host else ""
+        host = host_verdict(e.host, args.gpus, host_gib)
         print(f"{label:<9}{seq_len:>8}{tokens:>9}{_gib(e.checkpoints):>7}{_gib(e.layer):>7}{_gib(e.loss):>7}"
               f"{_gib(e.peak):>7}      {e.peak_at:<9}{verdict(e.peak, gpu)}{host}")
     worst = max(rows, key=lambda r: r[1] * r[2])
@@ -268,7 +324,7 @@ def _alternatives(config, layout: Layout):
             yield "... + zero3_offload_optimizer", both, dataclasses.replace(layout, offload_optimizer=True)
 
 
-def _local_gpu_gib() -> float | None:
+def local_gpu_gib() -> float | None:
     try:
         import torch
 

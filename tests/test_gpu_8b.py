@@ -109,3 +109,27 @@ def test_gpu_8b_script_rehearsed_on_cpu(tmp_path):
         names = tar.getnames()
     assert "./runs/8b_power/metrics.jsonl" in names and "./8b_power.log" in names
     assert not any(n.endswith(".safetensors") for n in names)
+
+
+@pytest.mark.slow
+def test_gpu_frontier_script_rehearsed_on_cpu(tmp_path):
+    tiny = ("model.arch.hidden_size=64 model.arch.intermediate_size=128 model.arch.num_hidden_layers=2 "
+            "model.arch.num_attention_heads=2 model.arch.num_key_value_heads=2 model.arch.vocab_size=4096 "
+            "pattern.block_size=64 precision=fp32")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LENGTHS": "1024 2048", "SHORT": "1024",
+           "STEPS": "2", "WORK": str(tmp_path / "work"), "EXTRA": tiny}
+    proc = subprocess.run(["bash", "bench/gpu_frontier.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary_frontier.json").read_text())
+    assert sorted(k for k in summary if isinstance(summary[k], dict)) == [
+        "8b_full_1k", "8b_offload_1k", "8b_switched@1K", "8b_switched@2K", "8b_tiled_1k"]
+    for name, row in summary.items():
+        assert (row["rc"], row["steps"], row["sp"], row["zero"]) == (0, 2, 2, 3), name
+    switched = summarize_runs._yaml(tmp_path / "work" / "runs" / "8b_switched" / "config.yaml")["model"]
+    assert (switched["offload_activations"], switched["tiled_mlp"], switched["path"]) == (True, 8192, None)
+    plan = (out / "plan_frontier.txt").read_text()  # the planner's prediction of every run, one block each
+    assert [line for line in plan.splitlines() if line.startswith("== ")] == [
+        "== 8b_switched", "== 8b_offload_1k", "== 8b_tiled_1k", "== 8b_neither_1k"]
+    assert plan.count("inputs offloaded, MLP tiles of 8192 tokens") == 1 and "stage 1      2048" in plan

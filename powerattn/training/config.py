@@ -138,6 +138,7 @@ class TrainConfig:
     resume: str = "auto"                    # auto: from output_dir's latest checkpoint | none | a step dir
     resume_optimizer: bool = True           # false: only the checkpoint's model/ weights, a fresh optimizer
     check_only: bool = False                # run the checks that need no processes or weights, then exit
+    check_memory: bool = True               # on GPUs: refuse a curriculum stage predicted not to fit (powerattn.memory)
     max_nonfinite_in_row: int = 5           # stop after this many consecutive steps with a non-finite loss
     progress: bool = True                   # tqdm bar on rank 0 in a terminal (else one line per step)
     peak_tflops: float | None = None        # per-GPU peak for MFU; None: looked up from the GPU name

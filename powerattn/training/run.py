@@ -37,12 +37,29 @@ def prepare_run_dir(cfg: TrainConfig, composed, dist: Dist) -> Path:
 def preflight(composed) -> tuple[TrainConfig, Layout, Curriculum]:
     """Every check that needs no process group, folder or weights, in the order train.py runs them: the
     config (load_config), the process layout (WORLD_SIZE vs sequence parallelism), the curriculum's batch
-    shapes, and the inputs (check_inputs). Each failure is a one-line ConfigError naming the value."""
+    shapes, the inputs (check_inputs) and, on GPUs, the predicted memory of every stage (check_memory).
+    Each failure is a one-line ConfigError naming the value."""
     cfg = load_config(composed)
     layout = process_layout(cfg.parallel.sequence_parallel_size)
     curriculum = plan_curriculum(cfg.curriculum.stages, cfg.batch, layout.dp_size, layout.sp_size)
     check_inputs(cfg, layout)
+    if cfg.check_memory:
+        check_memory(cfg, layout, curriculum)
     return cfg, layout, curriculum
+
+
+def check_memory(cfg: TrainConfig, layout: Layout, curriculum: Curriculum, gpu_gib: float | None = None) -> None:
+    """ConfigError if a curriculum stage's predicted peak (powerattn.memory) does not fit this machine's GPU
+    (gpu_gib: its GiB; without one, a CPU-only machine, nothing to check) or its offload the node's memory."""
+    from powerattn import memory
+
+    gpu_gib = gpu_gib or memory.local_gpu_gib()
+    if gpu_gib is None:
+        return
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+    memory.check_fits(cfg, layout.world_size, layout.sp_size,
+                      [(s.index, s.seq_len, s.micro_batch_size) for s in curriculum.stages], gpu_gib, per_node,
+                      memory.local_host_gib())
 
 
 def check_inputs(cfg: TrainConfig, layout: Layout) -> None:
