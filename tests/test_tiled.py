@@ -106,3 +106,23 @@ def test_train_py_zero3_sp2_same_losses_with_both_switches(tmp_path):
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["plain"]) == 4
     assert losses["switched"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_with_both_switches_continues_the_same_curve(tmp_path):
+    """A checkpoint written with offload + tiled MLP on resumes to the uninterrupted run's losses, bitwise."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [sys.executable, "train.py", "logger=none", "progress=false", "final_eval.enabled=false",
+              "model.activation_checkpointing=true", "model.tiled_mlp=48", "model.offload_activations=true",
+              "model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+              "model.arch.num_attention_heads=2", "model.arch.num_key_value_heads=2", "pattern.block_size=16",
+              "curriculum.stages.0.seq_len=256", "curriculum.stages.0.steps=2", "curriculum.stages.1.seq_len=512",
+              "curriculum.stages.1.steps=2", "batch.tokens_per_step=1024", "batch.micro_batch_tokens=512",
+              "checkpoint.every=2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for cmd in ([*common, f"output_dir={whole}"],
+                [*common, f"resume={whole}/checkpoints/step_000002", f"output_dir={resumed}"]):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    read = lambda out: [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert read(resumed) == read(whole)[2:] and len(read(whole)) == 4
