@@ -160,3 +160,8 @@ def train(composed: DictConfig, received: list[int]) -> None:
 
 if __name__ == "__main__":
     main()
+    # The run is over. A stop signal from now on (a launcher passing on a SIGTERM that came late) must not kill
+    # the process while the interpreter shuts down, which restores the default handlers: torchrun would report
+    # the finished run as failed. Ignored signals stay ignored through shutdown.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

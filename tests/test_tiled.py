@@ -124,5 +124,7 @@ def test_resume_with_both_switches_continues_the_same_curve(tmp_path):
                 [*common, f"resume={whole}/checkpoints/step_000002", f"output_dir={resumed}"]):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    read = lambda out: [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-    assert read(resumed) == read(whole)[2:] and len(read(whole)) == 4
+    def steps(out):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    assert steps(resumed) == steps(whole)[2:] and len(steps(whole)) == 4
