@@ -60,17 +60,10 @@ fi
 wait "$folder"
 report
 
-# 2-5. train.py runs; one row of one long document per step (documents of ~560K tokens).
+# 2-6. train.py runs; one row of one long document per step (documents of ~560K tokens).
 EIGHT_B=(+experiment=llama3_8b_128k "model.path=$MODEL_DIR" data=default "data.tokenizer=$MODEL_DIR" ++data.num_proc=6
          $(docs 6 64000) "${BENCH_ARGS[@]}" checkpoint.every=0 "batch.tokens_per_step=$LONG"
          "batch.micro_batch_tokens=$(( LONG / 2 ))" "${EXTRA[@]}")
-stages() {  # seq_len...: one stage of STEPS one-row steps per length
-    local s=() len
-    for len in "$@"; do s+=("{seq_len:$len,steps:$STEPS,tokens_per_step:$len}"); done
-    local IFS=,
-    echo "curriculum.stages=[${s[*]}]"
-}
-torchrun2=(python -m torch.distributed.run --standalone --nproc_per_node 2 train.py)
 if [ -f "$MODEL_DIR/config.json" ]; then
     run 8b_power 280 "${torchrun2[@]}" "${EIGHT_B[@]}" pattern=power "$(stages "$SHORT" "$LONG")" \
         "output_dir=$WORK/runs/8b_power"

@@ -40,16 +40,9 @@ for len in "${LENGTHS[@]}"; do [ "$len" -le "$BIGGEST" ] || BIGGEST=$len; done
 EIGHT_B=(+experiment=llama3_8b_128k model.path=null data=default "data.tokenizer=$TOK" ++data.num_proc=6
          $(docs 2 $(( BIGGEST / 8 + 4000 ))) "${BENCH_ARGS[@]}" checkpoint.every=0 "${EXTRA[@]}")
 SWITCHED=(model.offload_activations=true model.tiled_mlp=8192)
-stages() {  # seq_len...: one stage of STEPS one-row steps per length (micro-batch = the row)
-    local s=() len
-    for len in "$@"; do s+=("{seq_len:$len,steps:$STEPS,tokens_per_step:$len}"); done
-    local IFS=,
-    echo "curriculum.stages=[${s[*]}]"
-}
 rows() {  # seq_len: one row per step and per micro-batch (micro_batch_tokens counts one GPU's share, SP=2)
     echo "batch.tokens_per_step=$1" "batch.micro_batch_tokens=$(( $1 / 2 ))"
 }
-torchrun2=(python -m torch.distributed.run --standalone --nproc_per_node 2 train.py)
 
 plan() {  # NAME OVERRIDES...: the planner's prediction for the run, appended to OUT/plan_frontier.txt
     local name=$1

@@ -115,6 +115,16 @@ default_tok() {  # the embedded default tokenizer, built on first use (sentencep
     python -c "from powerattn.data import default_tokenizer; print(default_tokenizer('.cache/powerattn_data').path)"
 }
 
+# The 8B scripts' runs (gpu_8b.sh, gpu_frontier.sh): two processes, one curriculum stage of STEPS one-row steps
+# per length.
+torchrun2=(python -m torch.distributed.run --standalone --nproc_per_node 2 train.py)
+stages() {  # seq_len...: the curriculum.stages override
+    local s=() len
+    for len in "$@"; do s+=("{seq_len:$len,steps:$STEPS,tokens_per_step:$len}"); done
+    local IFS=,
+    echo "curriculum.stages=[${s[*]}]"
+}
+
 # The two-GPU checks (`gpu_train.sh OUT 2gpu`); TOK must hold default_tok's path. Documents: ~210K tokens.
 run_1b_sp2_128k() {  # ZeRO-3 + SP=2 at 128K: throughput and memory per GPU
     run sp2_128k "${1:-240}" python -m torch.distributed.run --standalone --nproc_per_node 2 train.py \
@@ -169,7 +179,7 @@ run_preempt_checks() {
     local ckpt
     ckpt=$(ls -d "$WORK"/runs/preempt/checkpoints/step_* 2> /dev/null | head -n 1)
     [ -n "$ckpt" ] || { echo "no preemption checkpoint" | tee -a "$WORK/status.txt"; return 1; }
-    one_gpu=(env CUDA_VISIBLE_DEVICES=0 python train.py "${ONE_B[@]}" "${BENCH_ARGS[@]}" "data.tokenizer=$TOK"
+    local one_gpu=(env CUDA_VISIBLE_DEVICES=0 python train.py "${ONE_B[@]}" "${BENCH_ARGS[@]}" "data.tokenizer=$TOK"
              $(docs 12 24000) "${ONE_B_16K[@]}" parallel.sequence_parallel_size=1 "resume=$ckpt")
     run one_gpu_refused 60 "${one_gpu[@]}" "output_dir=$WORK/runs/one_gpu_refused"
     run one_gpu_weights 90 "${one_gpu[@]}" resume_optimizer=false "output_dir=$WORK/runs/one_gpu_weights"

@@ -187,7 +187,7 @@ def check_fits(cfg, world: int, sp: int, stages: list[tuple[int, int, int]], gpu
     from powerattn.training.config import ConfigError
 
     config, _ = _model_config(cfg)
-    layout = Layout.from_deepspeed(cfg.deepspeed, world, sp, "bf16" if cfg.precision == "auto" else cfg.precision)
+    layout = _layout(cfg, world, sp)
     params = count_parameters(config)
     for index, seq_len, micro in stages:
         tokens = micro * seq_len // sp
@@ -234,6 +234,11 @@ def _model_config(cfg):
                                                                         " (vocab_size 32000 assumed)")
 
 
+def _layout(cfg, world: int, sp: int) -> Layout:
+    """The run's Layout (precision auto: bf16, what train.py picks on GPUs)."""
+    return Layout.from_deepspeed(cfg.deepspeed, world, sp, "bf16" if cfg.precision == "auto" else cfg.precision)
+
+
 def _gib(x: float) -> str:
     return f"{x / GiB:6.1f}"
 
@@ -267,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"error: {e}")
     config, source = _model_config(cfg)
-    precision = "bf16" if cfg.precision == "auto" else cfg.precision
-    layout = Layout.from_deepspeed(cfg.deepspeed, world, sp, precision)
+    layout = _layout(cfg, world, sp)
+    precision = layout.precision
     gpu = args.gpu_mem or local_gpu_gib() or 139.8
     host_gib = args.host_mem or local_host_gib()
     params = count_parameters(config)
