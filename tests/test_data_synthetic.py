@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from powerattn.data.config import SyntheticConfig
 from powerattn.data.filler import Filler
 from powerattn.data.synthetic import (
     TASKS,
@@ -143,3 +144,19 @@ def test_repeat_writes_one_random_list_twice():
         first, second = re.findall(r"[A-Z][^.]*\.", repeat_text(5, n))
         assert first == second and len(first.split()) == words and not re.search(r"\d", first)
     assert repeat_text(5, 40) == training_document("repeat", 5, 40) != repeat_text(6, 40)
+
+
+def test_depth_power_moves_needles_towards_the_start_and_keeps_the_task():
+    def needle_share(power: float) -> float:  # mean share of the document before the passkey needle
+        shares = []
+        for seed in range(40):
+            text = training_document("passkey", seed, 60, power)
+            assert _passkey_of(text) == passkey(seed).answer
+            shares.append(text.index("The pass key is") / len(text))
+        return sum(shares) / len(shares)
+
+    uniform, skewed = needle_share(1.0), needle_share(3.0)
+    assert training_document("passkey", 3, 20, 1.0) == training_document("passkey", 3, 20)
+    assert 0.35 < uniform < 0.65 and skewed < 0.6 * uniform  # E[u**3] = 1/4 against E[u] = 1/2
+    with pytest.raises(ValueError, match="depth_power must be > 0, got 0"):
+        SyntheticConfig(depth_power=0)

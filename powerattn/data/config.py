@@ -59,8 +59,13 @@ class SyntheticConfig:
     task_fraction: float = 0.5         # share of documents that carry a synthetic task
     # Task documents take these in turn (powerattn.data.synthetic.DOCUMENT_TASKS; repeat a name to weight it).
     tasks: list[str] = field(default_factory=lambda: ["niah_multikey", "passkey", "variable_tracking"])
+    depth_power: float = 1.0           # needle depth = uniform ** depth_power: > 1 trains long distances more
     vocab_size: int = 1024
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.depth_power > 0:
+            raise ValueError(f"data.synthetic.depth_power must be > 0, got {self.depth_power}")
 
 
 @dataclass

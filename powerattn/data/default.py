@@ -27,7 +27,10 @@ _TOKENIZER_DOCS = 1000  # documents the default tokenizer is fitted on (plenty f
 
 
 def _key(cfg: SyntheticConfig) -> str:
-    blob = json.dumps([GENERATOR_VERSION, asdict(cfg)], sort_keys=True)
+    fields = asdict(cfg)
+    if fields["depth_power"] == 1.0:  # its default: corpora cached before the field existed stay valid
+        del fields["depth_power"]
+    blob = json.dumps([GENERATOR_VERSION, fields], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -39,7 +42,7 @@ def synthetic_documents(cfg: SyntheticConfig):
         n = int(round(math.exp(r.uniform(lo, hi))))  # log-uniform: many short, some long documents
         if r.random() < cfg.task_fraction:
             task = cfg.tasks[i % len(cfg.tasks)]
-            yield task, training_document(task, r.randrange(2**31), n)
+            yield task, training_document(task, r.randrange(2**31), n, cfg.depth_power)
         else:
             yield "filler", Filler(r.randrange(2**31)).text(n)
 
