@@ -140,12 +140,18 @@ def needle_blocks(tokenizer, lengths, depths, samples: int, seed: int) -> dict:
 
 
 def prediction(pattern, layers: int, spans: dict, lengths, depths, samples: int) -> dict:
-    """Receptive-field theory per (length, depth): share of prompts whose needle the last block reaches."""
+    """Receptive-field theory per (length, depth): share of prompts whose needle the answer's block reaches.
+
+    A prompt of n tokens ends with "The pass key is"; the model writes the key's leading "▁" piece at
+    position n and predicts every digit from positions n onwards, so the queries that must see the needle
+    sit in the block holding position n: one past the prompt's last block when n is a multiple of the
+    block size (every eval length). That block is the last one of an (n + 1)-token sequence.
+    """
     from powerattn.receptive_field import receptive_field
 
     reach, hops_needed, coverage = [], [], {}
     for n in lengths:
-        rf = receptive_field(pattern, n, layers)
+        rf = receptive_field(pattern, n + 1, layers)
         coverage[str(n)] = rf.coverage
         row_reach, row_hops = [], []
         for d in depths:

@@ -148,3 +148,18 @@ def test_cli_user_errors_are_one_line_before_anything_exists(tmp_path):
     proc = run([sys.executable, "train.py", "optim.lrr=1", f"output_dir={out}"], ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "optim.lrr" in proc.stderr
     assert not out.exists() and os.path.isdir(ROOT)
+
+
+@pytest.mark.parametrize("group", ["default", "slimpajama"])
+def test_every_data_setting_can_be_overridden_without_plus(group):
+    """`data.num_proc=4` once needed `+`: the group files must name every DataConfig field they accept."""
+    from dataclasses import fields
+
+    from powerattn.data.config import DataConfig, SyntheticConfig
+
+    cfg = _compose([f"data={group}"]).data
+    set_by_train = {"seq_len"}  # the curriculum's stage length
+    optional = {"synthetic"} if group != "default" else set()
+    assert {f.name for f in fields(DataConfig)} - set_by_train - optional <= set(cfg)
+    if group == "default":
+        assert {f.name for f in fields(SyntheticConfig)} <= set(cfg.synthetic)

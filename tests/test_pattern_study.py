@@ -99,3 +99,24 @@ def test_bad_override_fails_before_training(tmp_path):
     done = subprocess.run([sys.executable, "bench/pattern_study.py", "--out", str(tmp_path), "--base",
                            str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "is not a model folder" in done.stderr
+
+
+def test_prediction_counts_from_the_block_that_predicts_the_answer():
+    """An n-token prompt's key digits are predicted from position n on: one block past the prompt's
+    last block. A needle at the left edge of the prompt's last window is out of the answer's window."""
+    import importlib.util
+
+    from powerattn.patterns import make_pattern
+
+    spec = importlib.util.spec_from_file_location("pattern_study", ROOT / "bench" / "pattern_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    pattern, n = make_pattern("sliding_window", block_size=64, window=4, sink=1), 64 * 16
+    last = n // 64 - 1
+
+    def reach(block: int) -> float:
+        spans = {(n, 0.5, 0): (64 * block + 8, 64 * block + 40)}
+        return study.prediction(pattern, 1, spans, [n], [0.5], 1)["reachable"][0][0]
+
+    assert reach(last - 3) == 0.0  # in the prompt's last block's window, not in the answer block's
+    assert reach(last - 2) == 1.0 and reach(0) == 1.0  # the answer block's window; the sink
