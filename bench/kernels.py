@@ -98,12 +98,25 @@ def graphed(fn):
     return graph.replay
 
 
-def bench_decode(pat, cache_len, heads, kv_heads, d, dtype, device) -> dict:
-    """One new token against a cache_len KV cache: triton decode vs dense SDPA over the whole cache."""
-    kc = torch.randn(1, cache_len, kv_heads, d, device=device, dtype=dtype)
+def wall_ms(fn, calls: int = 500) -> float:
+    """Milliseconds per call of `calls` back-to-back calls: what a Python generation loop waits for, the
+    larger of the call's host overhead and its GPU time (do_bench's event timing can hide the former)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / calls
+
+
+def bench_decode(pat, cache_len, batch, heads, kv_heads, d, dtype, device) -> dict:
+    """One new token per sequence against a cache_len KV cache: triton decode vs dense SDPA over the
+    whole cache."""
+    kc = torch.randn(batch, cache_len, kv_heads, d, device=device, dtype=dtype)
     vc = torch.randn_like(kc)
-    q = torch.randn(1, 1, heads, d, device=device, dtype=dtype)
-    lengths = torch.tensor([cache_len], device=device, dtype=torch.int32)
+    q = torch.randn(batch, 1, heads, d, device=device, dtype=dtype)
+    lengths = torch.full((batch,), cache_len, device=device, dtype=torch.int32)
     sparse = lambda: powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")  # noqa: E731
     qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
     dense = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)  # noqa: E731
@@ -116,10 +129,12 @@ def bench_decode(pat, cache_len, heads, kv_heads, d, dtype, device) -> dict:
         how = "sdpa, kv heads expanded"
     ref = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="torch")
     err = ((sparse().float() - ref.float()).norm() / ref.float().norm()).item()
-    row = {"cache_len": cache_len, "dense_impl": how, "rel_err_vs_torch_backend": err}
+    row = {"cache_len": cache_len, "batch": batch, "dense_impl": how, "rel_err_vs_torch_backend": err}
     for mode, wrap in (("eager", lambda f: f), ("cuda_graph", graphed)):
         row[mode] = {"triton_ms": median_ms(wrap(sparse), False), "dense_ms": median_ms(wrap(dense), False)}
         row[mode]["speedup"] = row[mode]["dense_ms"] / row[mode]["triton_ms"]
+    row["eager_loop"] = {"triton_ms": wall_ms(sparse), "dense_ms": wall_ms(dense)}
+    row["eager_loop"]["speedup"] = row["eager_loop"]["dense_ms"] / row["eager_loop"]["triton_ms"]
     return row
 
 
@@ -229,16 +244,18 @@ def table(rows: list[dict], decode: list[dict]) -> str:
             lines.append(f"{r['seq_len'] // 1024:>5}K backward: " + ", ".join(
                 f"{k} {v:.2f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in b.items()))
     for dcd in decode:
-        for mode in ("eager", "cuda_graph"):
+        for mode in ("eager", "eager_loop", "cuda_graph"):
             m = dcd[mode]
-            lines.append(f"decode 1 token vs {dcd['cache_len'] // 1024}K cache ({mode}): triton "
-                         f"{1e3 * m['triton_ms']:.1f} us, dense {1e3 * m['dense_ms']:.1f} us: {m['speedup']:.1f}x")
+            lines.append(f"decode 1 token x batch {dcd['batch']} vs {dcd['cache_len'] // 1024}K cache ({mode}): "
+                         f"triton {1e3 * m['triton_ms']:.1f} us, dense {1e3 * m['dense_ms']:.1f} us: "
+                         f"{m['speedup']:.1f}x")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    p.add_argument("--seq-lens", type=int, nargs="*", default=[8192, 32768, 65536, 131072],
+                   help="attention lengths (none: decode only)")
     p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -248,6 +265,7 @@ def main(argv=None) -> None:
     p.add_argument("--dense-max", type=int, default=131072, help="skip dense SDPA above this length")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--decode-cache", type=int, nargs="*", default=[131072])
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--breakdown", action="store_true", help="also time each backward kernel")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the torch backend")
@@ -270,8 +288,8 @@ def main(argv=None) -> None:
             if args.breakdown and not args.smoke:
                 rows[-1]["breakdown"] = backward_breakdown(pat, s, args.heads, args.kv_heads, d, dtype)
             print(json.dumps(rows[-1]), flush=True)
-    decode = [bench_decode(pat, n, args.heads, args.kv_heads, args.head_dims[0], dtype, device)
-              for n in args.decode_cache]
+    decode = [bench_decode(pat, n, b, args.heads, args.kv_heads, args.head_dims[0], dtype, device)
+              for n in args.decode_cache for b in args.decode_batch]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -284,7 +302,8 @@ def main(argv=None) -> None:
         "command": "python bench/kernels.py " + " ".join(argv or sys.argv[1:]),
     }
     (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode}, indent=1))
-    plot(rows, out / "kernels.png")
+    if rows:
+        plot(rows, out / "kernels.png")
     print(json.dumps(meta))
     if args.breakdown:
         print("\n".join(compile_report()))

@@ -112,6 +112,35 @@ def test_decode_against_reference(name, poisoned):
         assert rel_err(out, ref) < 1e-5
 
 
+def test_decode_merges_in_one_launch_and_leaves_its_counters_at_zero(poisoned):
+    """Split rows are merged by their last slice (an atomic count): every call, the workspace's
+    counters must be back at zero, or the next call's merge never runs."""
+    from powerattn.kernels import decode
+
+    pat = powerattn.make_pattern("power", **SMALL["power"])
+    kc, vc = torch.randn(1, 300, 2, 32), torch.randn(1, 300, 2, 32)
+    launches = []
+    real = decode._decode_kernel
+
+    class Count:  # counts launches and records each one's split count
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    decode._decode_kernel = Count()
+    try:
+        for length in (300, 290, 171):
+            lengths = torch.tensor([length], dtype=torch.int32)
+            q = torch.randn(1, 1, 8, 32)
+            out = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")
+            ref = decode_reference(*(t.double() for t in (q, kc, vc)), pat, lengths)
+            assert rel_err(out, ref) < 1e-5
+    finally:
+        decode._decode_kernel = real
+    assert len(launches) == 3 and all(grid[2] > 1 for grid in launches)  # one launch each, split
+    assert all(not counters.any() for *_, counters in decode._WORKSPACES.values())
+
+
 def test_compiles_without_graph_breaks():
     pat = powerattn.make_pattern("power", **SMALL["power"])
 

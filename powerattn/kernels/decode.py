@@ -2,13 +2,16 @@
 
 Each query token reads the key blocks of its pattern row (a few dozen at 128K, not the whole
 cache). One program takes one query position, one KV head (all query heads of its GQA group as
-the rows of the tile) and one slice of that row's key sub-tiles; a second kernel merges the
-slices' partial softmaxes by their log-sum-exp.
+the rows of the tile) and one slice of that row's key sub-tiles, and writes its partial softmax.
+The last of a row's slices to finish (an atomic counter per query and KV head) merges the partials
+by their log-sum-exp and writes the output: one launch per call, where a separate merge kernel made
+two (at batch 1 a decode step is mostly launch overhead: docs/kernels.md).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -19,21 +22,24 @@ from powerattn.kernels.tables import device_tables, table_length
 from powerattn.patterns import Pattern
 
 DECODE_TILE = 64  # key rows per step of the decode loop (a pattern block is several of them)
-MAX_SPLITS = 128  # slices of one row at most: the combine kernel reads all of them at once
+MAX_SPLITS = 128  # slices of one row at most
 WAVES = 2  # programs per SM the split count aims for
 INTERPRETER_SMS = 4  # stands in for the SM count, so the interpreter exercises several splits
 
 
 @triton.jit
 def _decode_kernel(
-    Q, KC, VC, OP, LP, seqlens, kv_ptr, kv_idx,
-    n_chunk, n_kv_heads, n_splits, qk_scale,
-    stride_qb, stride_qc, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    Q, KC, VC, O, OP, LP, Cnt, seqlens, kv_ptr, kv_idx, n_chunk, n_kv_heads, max_len, n_splits, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    PATTERN_BLOCK: tl.constexpr,
+    PATTERN_BLOCK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # Contiguous q / out [b, chunk, heads, d] and caches [b, max_len, kv_heads, d]: the strides follow from
+    # the shapes (each argument costs host time at every launch; a decode step is mostly that).
+    stride_qh = HEAD_DIM
+    stride_qc = n_kv_heads * GROUP * HEAD_DIM
+    stride_qb = n_chunk * stride_qc
+    stride_ks = n_kv_heads * HEAD_DIM
+    stride_kb = max_len.to(tl.int64) * stride_ks
     pid_q = tl.program_id(0)  # batch * n_chunk + query index in the chunk
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -52,21 +58,21 @@ def _decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     h_ok = offs_h < GROUP
     heads = kv_head * GROUP + offs_h
-    q = tl.load(Q + batch * stride_qb + i * stride_qc + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_ok[:, None], other=0.0)
-    k_base = KC + batch * stride_kb + kv_head * stride_kh
-    v_base = VC + batch * stride_vb + kv_head * stride_vh
+    q_row = batch * stride_qb + i * stride_qc  # of q and out
+    q = tl.load(Q + q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    k_base = KC + batch * stride_kb + kv_head * HEAD_DIM
+    v_base = VC + batch * stride_kb + kv_head * HEAD_DIM
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     offs_t = tl.arange(0, BLOCK_N)
     k_tile = offs_t[None, :] * stride_ks + offs_d[:, None]
-    v_tile = offs_t[:, None] * stride_vs + offs_d[None, :]
+    v_tile = offs_t[:, None] * stride_ks + offs_d[None, :]
     for item in range(first, last):
         key0 = tl.load(kv_idx + lo + item // subtiles) * PATTERN_BLOCK + (item % subtiles) * BLOCK_N
         ok = key0 + offs_t <= pos  # pos < length, so this also keeps reads inside the valid cache
         k = tl.load(k_base + key0.to(tl.int64) * stride_ks + k_tile, mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + key0.to(tl.int64) * stride_vs + v_tile, mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + key0.to(tl.int64) * stride_ks + v_tile, mask=ok[:, None], other=0.0)
         qk = tl.where(ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,28 +81,36 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    # Partials: [batch * chunk, heads, splits, (dim)], un-normalised acc with its base-2 LSE.
-    row = (pid_q.to(tl.int64) * n_kv_heads * GROUP + heads) * n_splits + split
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=h_ok[:, None])
-    tl.store(LP + row, tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)), mask=h_ok)
-
-
-@triton.jit
-def _combine_kernel(OP, LP, O, n_splits, stride_ob, stride_oc, stride_oh, n_chunk, n_heads,
-                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # (batch * chunk) * heads + head
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_s < n_splits
-    lse = tl.load(LP + pid * n_splits + offs_s, mask=ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(ok, tl.math.exp2(lse - m), 0.0)
-    parts = tl.load(OP + (pid * n_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
-    bc, head = pid // n_heads, pid % n_heads
-    batch, i = bc // n_chunk, bc % n_chunk
-    tl.store(O + batch * stride_ob + i * stride_oc + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    if not SPLIT:
+        out = acc / l_safe[:, None]
+        o_ptrs = O + q_row + heads[:, None] * stride_qh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
+    else:
+        # Partials: [batch * chunk, heads, splits, (dim)], normalised acc with its base-2 LSE.
+        row = (pid_q.to(tl.int64) * n_kv_heads * GROUP + heads) * n_splits + split
+        tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=h_ok[:, None])
+        tl.store(LP + row, tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)), mask=h_ok)
+        # The barrier and acq_rel: every thread's partials are visible before this slice's count, and the
+        # last slice (reading through L2, .cg) sees all of them.
+        tl.debug_barrier()
+        counter = Cnt + pid_q.to(tl.int64) * n_kv_heads + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:
+            # One head at a time, all of its slices in one load each (a loop over slices would serialise
+            # n_splits round trips to L2: it made the step 9 us slower on an H200).
+            offs_s = tl.arange(0, BLOCK_S)
+            s_ok = offs_s < n_splits
+            for g in tl.static_range(GROUP):
+                first_row = (pid_q.to(tl.int64) * n_kv_heads + kv_head) * GROUP * n_splits + g * n_splits
+                lse = tl.load(LP + first_row + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                m = tl.max(lse, 0)
+                w = tl.where(s_ok, tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m)), 0.0)
+                parts = tl.load(OP + (first_row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None],
+                                other=0.0, cache_modifier=".cg")
+                w_sum = tl.sum(w, 0)
+                out = tl.sum(parts * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+                tl.store(O + q_row + (kv_head * GROUP + g) * stride_qh + offs_d, out.to(O.dtype.element_ty))
+            tl.atomic_xchg(counter, 0)  # ready for the next call (and for every replay of a CUDA graph)
 
 
 @functools.cache
@@ -104,39 +118,61 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=64)
-def _max_row_blocks(pattern: Pattern, table_len: int) -> int:
-    ptr = pattern.tables(table_len).kv_ptr
-    return int((ptr[1:] - ptr[:-1]).max())
+class _Plan(NamedTuple):
+    grid: tuple[int, int, int]
+    splits: int
+    kv_ptr: torch.Tensor
+    kv_idx: torch.Tensor
+    constants: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(pattern: Pattern, b: int, c: int, h: int, hkv: int, d: int, max_len: int, device: torch.device) -> _Plan:
+    """Everything about a call that its shapes fix, worked out once per shape (a decode step repeats it)."""
+    bs = pattern.block_size
+    tables = device_tables(pattern, max_len, bs, bs, device)
+    block_n = min(INTERPRETER_TILE if interpreting() else DECODE_TILE, bs & -bs)
+    ptr = pattern.tables(table_length(max_len, bs)).kv_ptr
+    items = int((ptr[1:] - ptr[:-1]).max()) * (bs // block_n)
+    sms = INTERPRETER_SMS if interpreting() else _sm_count(device.index or 0)
+    splits = max(1, min(items, triton.cdiv(WAVES * sms, b * c * hkv), MAX_SPLITS))
+    constants = dict(GROUP=h // hkv, BLOCK_H=max(MIN_DOT, triton.next_power_of_2(h // hkv)), HEAD_DIM=d,
+                     BLOCK_N=block_n, PATTERN_BLOCK=bs, SPLIT=splits > 1, BLOCK_S=triton.next_power_of_2(splits))
+    return _Plan((b * c, hkv, splits), splits, tables.kv_ptr, tables.kv_idx, constants)
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, rows: int, d: int, n_counters: int):
+    """(partial outputs [rows, d], partial LSEs [rows], zeroed counters [n_counters]) for one call.
+
+    Kept per device, stream and size: calls on one stream run in order, so they can share it, and the
+    counters are back at zero when a call ends (its last slices reset them). Reusing it saves the
+    allocations a decode step would otherwise pay on every call; a split workspace is small (rows =
+    query heads x splits, about 2 x SMs x the GQA group at most).
+    """
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0, rows, d)
+    if key not in _WORKSPACES:
+        parts = torch.empty(rows * (d + 1), device=device, dtype=torch.float32)
+        _WORKSPACES[key] = (parts[: rows * d].view(rows, d), parts[rows * d:],
+                            torch.zeros(n_counters, device=device, dtype=torch.int32))
+    return _WORKSPACES[key]
 
 
 def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: Pattern,
                   cache_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """out [b, c, h, d] for queries at cache_seqlens - c + j (see powerattn.decode_attention)."""
+    """out [b, c, h, d] for queries at cache_seqlens - c + j (see powerattn.decode_attention); q and the
+    caches contiguous."""
     b, c, h, d = q.shape
-    hkv = k_cache.shape[2]
-    group = h // hkv
-    bs = pattern.block_size
-    max_len = k_cache.shape[1]
-    tables = device_tables(pattern, max_len, bs, bs, q.device)
-    block_n = min(INTERPRETER_TILE if interpreting() else DECODE_TILE, bs & -bs)
-    items = _max_row_blocks(pattern, table_length(max_len, bs)) * (bs // block_n)
-    sms = INTERPRETER_SMS if interpreting() else _sm_count(q.device.index or 0)
-    splits = max(1, min(items, triton.cdiv(WAVES * sms, b * c * hkv), MAX_SPLITS))
-    o_part = torch.empty((b * c * h * splits, d), device=q.device, dtype=torch.float32)
-    l_part = torch.empty((b * c * h * splits,), device=q.device, dtype=torch.float32)
-    _decode_kernel[(b * c, hkv, splits)](
-        q, k_cache, v_cache, o_part, l_part, cache_seqlens, tables.kv_ptr, tables.kv_idx,
-        c, hkv, splits, scale * LOG2_E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, BLOCK_H=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=block_n,
-        PATTERN_BLOCK=bs,
-    )
+    hkv, max_len = k_cache.shape[2], k_cache.shape[1]
+    plan = _plan(pattern, b, c, h, hkv, d, max_len, q.device)
+    # One slice per row (long chunks fill the GPU without splitting) writes the output directly.
+    o_part, l_part, counters = (_workspace(q.device, b * c * h * plan.splits, d, b * c * hkv) if plan.splits > 1
+                                else (q, q, q))
     out = torch.empty_like(q)
-    _combine_kernel[(b * c * h,)](
-        o_part, l_part, out, splits, out.stride(0), out.stride(1), out.stride(2), c, h,
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits),
+    _decode_kernel[plan.grid](
+        q, k_cache, v_cache, out, o_part, l_part, counters, cache_seqlens, plan.kv_ptr, plan.kv_idx,
+        c, hkv, max_len, plan.splits, scale * LOG2_E, **plan.constants,
     )
     return out
