@@ -12,6 +12,8 @@
     python bench/retrieval_probe.py relay-ab --steps 800  # full vs power learning passkey from scratch on
                                                       # 256-token documents; exact answers split by
                                                       # whether the needle is one power hop away
+    python bench/retrieval_probe.py relay-ab --steps 6000 --models power --eval-every 1000  # power alone,
+                                                      # longer, scored as it goes
 
 `answerable` reads the loader's own batches (40 batches of 64K tokens a stage), so packing, splitting
 of long documents and the mixture are exactly what training sees.
@@ -157,11 +159,13 @@ def induction_ab(steps: int, vocab: int = 256, width: int = 128, half: int = 64,
 
 
 def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, batch: int = 32,
-             heldout: int = 600) -> dict:
+             heldout: int = 600, models: tuple[str, ...] = ("full", "power"), eval_every: int = 0) -> dict:
     """Full attention vs power (blocks of 16, window 2: one hop reaches block distances 0, 1, 2, 4, 8 and
     the sink) from the same init on the same batches of short passkey documents (one per row, <= 256
     tokens); exact teacher-forced answers on held-out documents, split by whether the needle is one power
-    hop from the answer's block. Power needs relays for the rest; full reaches every needle directly."""
+    hop from the answer's block. Power needs relays for the rest; full reaches every needle directly.
+    `models` trains a subset (each model's run is the same alone as beside the other); `eval_every`
+    scores the held-out documents every that many steps too, to follow when (and whether) relays form."""
     import random
     import tempfile
     import time
@@ -188,12 +192,31 @@ def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, 
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=length,
                  tie_word_embeddings=True)
     power = make_pattern("power", block_size=block, window=2, sink=1)
-    models = {}
+    unknown = set(models) - {"full", "power"}
+    if unknown or not models:
+        raise ValueError(f"relay-ab: models must be some of full, power; got {list(models)}")
+    names, models = models, {}
     for name, pattern in (("full", None), ("power", power)):
-        torch.manual_seed(0)
-        models[name] = LlamaForCausalLM(LlamaConfig(**shape), pattern=pattern, backend="torch")
+        if name in names:
+            torch.manual_seed(0)
+            models[name] = LlamaForCausalLM(LlamaConfig(**shape), pattern=pattern, backend="torch")
     opts = {k: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01) for k, m in models.items()}
-    rng, start = random.Random(1), time.time()
+    layout = power.block_layout(length // block)
+
+    def score() -> dict:
+        out = {name: {"one_hop": [0, 0], "relay": [0, 0]} for name in models}
+        with torch.no_grad():
+            for r in held:
+                key = r[-5:]
+                at = next(i for i in range(len(r) - 5) if r[i:i + 5] == key)  # the needle's copy of the key
+                qb = (len(r) - 6) // block
+                group = "one_hop" if any(layout[qb, kb] for kb in {at // block, (at + 4) // block}) else "relay"
+                for name, m in models.items():
+                    out[name][group][0] += m(torch.tensor([r]))[0, len(r) - 6:len(r) - 1].argmax(-1).tolist() == key
+                    out[name][group][1] += 1
+        return out
+
+    rng, start, curve = random.Random(1), time.time(), []
     for step in range(1, steps + 1):
         rows = rng.sample(train, min(batch, len(train)))
         n = max(map(len, rows))
@@ -202,30 +225,24 @@ def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, 
         answer = torch.zeros_like(scored)
         for i, r in enumerate(rows):
             answer[i, len(r) - 6:len(r) - 1] = 1  # the five digits that end every document
-        line = []
+        answer_nll = {}
         for name, m in models.items():
             nll = -m(x)[:, :-1].log_softmax(-1).gather(2, x[:, 1:, None])[..., 0]
             ((nll * scored).sum() / scored.sum()).backward()
             opts[name].step()
             opts[name].zero_grad()
-            line.append(f"{name} {(nll * answer).sum() / answer.sum():.2f}")
+            answer_nll[name] = ((nll * answer).sum() / answer.sum()).item()
+        line = [f"{name} {v:.2f}" for name, v in answer_nll.items()]
         if step % 100 == 0 or step == steps:
             print(f"step {step} ({time.time() - start:.0f} s): answer NLL " + ", ".join(line), flush=True)
-    layout = power.block_layout(length // block)
-    out = {name: {"one_hop": [0, 0], "relay": [0, 0]} for name in models}
-    with torch.no_grad():
-        for r in held:
-            key = r[-5:]
-            at = next(i for i in range(len(r) - 5) if r[i:i + 5] == key)  # the needle's copy of the key
-            qb = (len(r) - 6) // block
-            group = "one_hop" if any(layout[qb, kb] for kb in {at // block, (at + 4) // block}) else "relay"
-            for name, m in models.items():
-                out[name][group][0] += m(torch.tensor([r]))[0, len(r) - 6:len(r) - 1].argmax(-1).tolist() == key
-                out[name][group][1] += 1
-    for name, groups in out.items():
-        print(f"{name}: exact answers, needle one power hop away {groups['one_hop'][0]}/{groups['one_hop'][1]}, "
-              f"needing a relay {groups['relay'][0]}/{groups['relay'][1]}")
-    return out
+        if (eval_every and step % eval_every == 0) or step == steps:
+            scores = score()
+            curve.append({"step": step, **scores})
+            for name, groups in scores.items():
+                print(f"step {step}: {name}: exact answers, needle one power hop away {groups['one_hop'][0]}/"
+                      f"{groups['one_hop'][1]}, needing a relay {groups['relay'][0]}/{groups['relay'][1]}",
+                      flush=True)
+    return {"final": scores, "curve": curve, "answer_nll": answer_nll}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--steps", type=int, default=300)
     r = sub.add_parser("relay-ab")
     r.add_argument("--steps", type=int, default=800)
+    r.add_argument("--models", default="full,power", help="comma-separated: full, power or both")
+    r.add_argument("--eval-every", type=int, default=0, help="also score the held-out documents every N steps")
     args = p.parse_args(argv)
     if args.cmd == "answerable":
         answerable(args.overrides)
@@ -251,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "copying":
         copying(args.checkpoint)
     elif args.cmd == "relay-ab":
-        relay_ab(args.steps)
+        relay_ab(args.steps, models=tuple(args.models.split(",")), eval_every=args.eval_every)
     else:
         induction_ab(args.steps)
 
