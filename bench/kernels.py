@@ -5,7 +5,7 @@
 
 Times are medians of CUDA-event timings (triton.testing.do_bench), every ratio comes from this one
 run. TFLOP/s count only attended (q, k) pairs: forward 4*pairs*d*heads, backward 2.5x that.
-Writes <out>/kernels.json and <out>/kernels.png and prints a table.
+Writes <out>/kernels.json, <out>/kernels.png (when attention lengths were timed) and prints a table.
 """
 
 from __future__ import annotations
