@@ -138,6 +138,12 @@ def test_decode_merges_in_one_launch_and_leaves_its_counters_at_zero(poisoned):
     finally:
         decode._decode_kernel = real
     assert len(launches) == 3 and all(grid[2] > 1 for grid in launches)  # one launch each, split
+    # Same workspace size (query heads x splits), twice the counters (KV heads): a workspace of its own.
+    for kv_heads, heads in ((2, 8), (4, 16)):
+        kc, vc = torch.randn(1, 300, kv_heads, 32), torch.randn(1, 300, kv_heads, 32)
+        q, lengths = torch.randn(1, 1, heads, 32), torch.tensor([300], dtype=torch.int32)
+        out = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")
+        assert rel_err(out, decode_reference(*(t.double() for t in (q, kc, vc)), pat, lengths)) < 1e-5
     assert all(not counters.any() for *_, counters in decode._WORKSPACES.values())
 
 

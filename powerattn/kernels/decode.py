@@ -152,7 +152,8 @@ def _workspace(device: torch.device, rows: int, d: int, n_counters: int):
     allocations a decode step would otherwise pay on every call; a split workspace is small (rows =
     query heads x splits, about 2 x SMs x the GQA group at most).
     """
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0, rows, d)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, rows, d, n_counters)
     if key not in _WORKSPACES:
         parts = torch.empty(rows * (d + 1), device=device, dtype=torch.float32)
         _WORKSPACES[key] = (parts[: rows * d].view(rows, d), parts[rows * d:],
