@@ -2,6 +2,8 @@
 
     python bench/retrieval_probe.py answerable +experiment=pattern_study   # per curriculum stage: share of
                                                       # passkey questions whose needle is in the same segment
+    python bench/retrieval_probe.py needle-distances +experiment=pattern_study model.path=BASE  # passkey
+                                                      # needles far from their question in the corpus
     python bench/retrieval_probe.py answer-nll CKPT --length 512 --prompts 30  # teacher-forced NLL of the
                                                       # passkey answer tokens (chance ~1.9 nats) + exact match
     python bench/retrieval_probe.py copying CKPT      # does the model copy? NLL of a sequence's first and
@@ -26,6 +28,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _index(seq: list[int], pat: list[int]) -> int:
+    """The first index of `pat` in `seq` (ValueError if absent)."""
+    i = seq.index(pat[0])
+    while seq[i:i + len(pat)] != pat:
+        i = seq.index(pat[0], i + 1)
+    return i
 
 
 def _find(seq, pat: list[int]) -> bool:
@@ -56,6 +66,39 @@ def answerable(overrides: list[str], batches: int = 40, tokens: int = 65536) -> 
                     found += _find(ids[a:e], needle)
         print(f"seq_len {stage.seq_len}: {asked} passkey questions, {found} with their needle in the same "
               f"segment ({100 * found / max(asked, 1):.0f}%)")
+
+
+def needle_distances(overrides: list[str], thresholds: tuple[int, ...] = (6500, 7300, 7900)) -> dict:
+    """Over the corpus a run trains on (its embedded synthetic documents, its tokenizer): how many passkey
+    documents put their needle more than each threshold of tokens before the document's end (the
+    question and answer). The longest distances of a row are the rarest when needle depths are uniform."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from powerattn.data import load_tokenizer
+    from powerattn.data.config import as_data_config
+    from powerattn.data.default import synthetic_documents
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "configs"),
+                               version_base="1.3"):
+        cfg = as_data_config(OmegaConf.to_container(compose(config_name="train", overrides=overrides).data,
+                                                    resolve=True))
+    tok = load_tokenizer(cfg)
+    (needle,) = tok.encode_pieces(["The pass key is"])
+    docs = tokens = 0
+    farther = dict.fromkeys(thresholds, 0)
+    for task, text in synthetic_documents(cfg.synthetic):
+        ids = tok.encode(text, bos=False)
+        tokens += len(ids)
+        if task != "passkey":
+            continue
+        docs += 1
+        at = _index(ids, needle)  # the needle's sentence, which comes before the question's
+        for t in thresholds:
+            farther[t] += len(ids) - at > t
+    print(f"{cfg.synthetic.num_docs} documents, {tokens / 1e6:.1f}M tokens; {docs} passkey documents, with the "
+          "needle more than " + ", ".join(f"{t} tokens before the end: {n}" for t, n in farther.items()))
+    return {"documents": cfg.synthetic.num_docs, "tokens": tokens, "passkey": docs, "farther": farther}
 
 
 def answer_nll(checkpoint: str, length: int, prompts: int) -> None:
@@ -177,6 +220,9 @@ def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, 
     from powerattn.data.tokenizer import train_tokenizer
     from powerattn.model import LlamaConfig, LlamaForCausalLM
 
+    unknown = set(models) - {"full", "power"}
+    if unknown or not models:
+        raise ValueError(f"relay-ab: models must be some of full, power; got {list(models)}")
     texts = [training_document("passkey", s, random.Random(s).randint(4, 18)) for s in range(docs)]
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(texts[:3000], 512, Path(tmp) / "tok.model")
@@ -192,26 +238,23 @@ def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, 
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=length,
                  tie_word_embeddings=True)
     power = make_pattern("power", block_size=block, window=2, sink=1)
-    unknown = set(models) - {"full", "power"}
-    if unknown or not models:
-        raise ValueError(f"relay-ab: models must be some of full, power; got {list(models)}")
-    names, models = models, {}
+    nets = {}
     for name, pattern in (("full", None), ("power", power)):
-        if name in names:
+        if name in models:
             torch.manual_seed(0)
-            models[name] = LlamaForCausalLM(LlamaConfig(**shape), pattern=pattern, backend="torch")
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01) for k, m in models.items()}
+            nets[name] = LlamaForCausalLM(LlamaConfig(**shape), pattern=pattern, backend="torch")
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01) for k, m in nets.items()}
     layout = power.block_layout(length // block)
 
     def score() -> dict:
-        out = {name: {"one_hop": [0, 0], "relay": [0, 0]} for name in models}
+        out = {name: {"one_hop": [0, 0], "relay": [0, 0]} for name in nets}
         with torch.no_grad():
             for r in held:
                 key = r[-5:]
                 at = next(i for i in range(len(r) - 5) if r[i:i + 5] == key)  # the needle's copy of the key
                 qb = (len(r) - 6) // block
                 group = "one_hop" if any(layout[qb, kb] for kb in {at // block, (at + 4) // block}) else "relay"
-                for name, m in models.items():
+                for name, m in nets.items():
                     out[name][group][0] += m(torch.tensor([r]))[0, len(r) - 6:len(r) - 1].argmax(-1).tolist() == key
                     out[name][group][1] += 1
         return out
@@ -226,7 +269,7 @@ def relay_ab(steps: int, docs: int = 30000, length: int = 256, block: int = 16, 
         for i, r in enumerate(rows):
             answer[i, len(r) - 6:len(r) - 1] = 1  # the five digits that end every document
         answer_nll = {}
-        for name, m in models.items():
+        for name, m in nets.items():
             nll = -m(x)[:, :-1].log_softmax(-1).gather(2, x[:, 1:, None])[..., 0]
             ((nll * scored).sum() / scored.sum()).backward()
             opts[name].step()
@@ -250,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("answerable")
     a.add_argument("overrides", nargs="*", help="train.py overrides, e.g. +experiment=pattern_study")
+    d = sub.add_parser("needle-distances")
+    d.add_argument("overrides", nargs="*", help="train.py overrides, e.g. +experiment=pattern_study model.path=BASE")
     n = sub.add_parser("answer-nll")
     n.add_argument("checkpoint")
     n.add_argument("--length", type=int, default=512)
@@ -265,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cmd == "answerable":
         answerable(args.overrides)
+    elif args.cmd == "needle-distances":
+        needle_distances(args.overrides)
     elif args.cmd == "answer-nll":
         answer_nll(args.checkpoint, args.length, args.prompts)
     elif args.cmd == "copying":

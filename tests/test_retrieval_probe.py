@@ -25,3 +25,14 @@ def test_relay_ab_trains_one_model_alone_as_beside_the_other_and_scores_as_it_go
     assert set(alone["final"]) == {"power"} and alone["final"]["power"] == both["final"]["power"]
     assert alone["answer_nll"]["power"] == both["answer_nll"]["power"]  # bitwise: same init, same batches
     assert [point["step"] for point in alone["curve"]] == [2, 3]
+
+
+def test_needle_distances_counts_every_passkey_document_and_sees_the_depth_skew(tmp_path):
+    small = [f"data.cache_dir={tmp_path}", "data.synthetic.num_docs=60", "data.synthetic.task_fraction=1.0",
+             "data.synthetic.tasks=[passkey,repeat]", "data.synthetic.min_sentences=30",
+             "data.synthetic.max_sentences=60"]
+    uniform = retrieval_probe.needle_distances(small, thresholds=(0, 300))
+    skewed = retrieval_probe.needle_distances([*small, "data.synthetic.depth_power=8"], thresholds=(0, 300))
+    assert uniform["passkey"] == skewed["passkey"] == 30
+    assert uniform["farther"][0] == 30  # every needle is before its document's end
+    assert skewed["farther"][300] > uniform["farther"][300]

@@ -97,7 +97,7 @@ def _decode_kernel(
         counter = Cnt + pid_q.to(tl.int64) * n_kv_heads + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:
             # One head at a time, all of its slices in one load each (a loop over slices would serialise
-            # n_splits round trips to L2: it made the step 9 us slower on an H200).
+            # n_splits round trips to L2: it made the step 9 us slower on an H200, docs/kernels.md step 9).
             offs_s = tl.arange(0, BLOCK_S)
             s_ok = offs_s < n_splits
             for g in tl.static_range(GROUP):
