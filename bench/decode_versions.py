@@ -5,8 +5,10 @@ older copies of it, so host noise (a lent machine's CPU varies from call to call
     python bench/decode_versions.py --old two_launch=/tmp/decode_two_launch.py --out DIR
 
 For each version and batch (1 and 8 sequences; a 131,072-token cache, 32 / 8 heads, head_dim 128, power
-with 256-token blocks, bf16): the relative error against the torch reference, bitwise repeatability, the
-GPU time of one call replayed in a CUDA graph, and the wall time per call of back-to-back eager calls
+with 256-token blocks, bf16): the relative error against the torch reference, bitwise repeatability, one
+eager call timed by CUDA events (bench/kernels.py's "eager": do_bench flushes L2 before each call, which
+also lets the host run ahead, so this is close to GPU time), the GPU time of one call replayed in a CUDA
+graph, and the wall time per call of back-to-back eager calls
 (what a Python generation loop waits for), each twice; then each version's host time per call with its
 `_decode_kernel` launch replaced by a no-op (its other launches, e.g. a separate merge kernel, still
 run), and the host time of launching an empty Triton kernel with 3 and with 29 arguments. Writes
@@ -70,6 +72,7 @@ def time_batch(versions: dict, b: int, cache: int, pat, res: dict) -> None:
             res[f"{name}_b{b}_rep{rep}"] = {
                 "rel_err": max(((o.float() - ref).norm() / ref.norm()).item() for o in outs),
                 "deterministic": all(torch.equal(outs[0], o) for o in outs),
+                "eager_us": 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"),
                 "graph_us": 1e3 * triton.testing.do_bench(graphed(fn), warmup=25, rep=100, return_mode="median"),
                 "loop_us": 1e3 * wall_ms(fn, 2000)}
             print(name, b, rep, json.dumps(res[f"{name}_b{b}_rep{rep}"]), flush=True)
@@ -101,11 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     lens = torch.tensor([args.cache], device="cuda", dtype=torch.int32)
     for name, mod in versions.items():
         real, mod._decode_kernel = mod._decode_kernel, _NoLaunch()
+        if hasattr(mod, "_plan"):  # plans may hold a compiled kernel that launches without _decode_kernel
+            mod._plan.cache_clear()
         try:
             res[f"host_{name}_launch_decode_minus_kernel_us"] = 1e3 * wall_ms(
                 lambda mod=mod: mod.launch_decode(q, kc, kc, pat, lens, 0.088), 3000)
         finally:
             mod._decode_kernel = real
+            if hasattr(mod, "_plan"):
+                mod._plan.cache_clear()
     res["host_current_launch_decode_us"] = 1e3 * wall_ms(
         lambda: current.launch_decode(q, kc, kc, pat, lens, 0.088), 3000)
     res["host_current_decode_attention_us"] = 1e3 * wall_ms(

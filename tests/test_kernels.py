@@ -98,6 +98,37 @@ def test_varlen_with_given_max_seqlen_and_long_table_bucket(poisoned):
                     cu=cu, max_seqlen=200)
 
 
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """The backward with dQ added up atomically inside the dK/dV kernel (no dQ kernel); records that it ran."""
+    from powerattn.kernels import custom_ops
+
+    calls = []
+    real = custom_ops.run_backward
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs, atomic_dq=True)
+
+    monkeypatch.setattr(custom_ops, "run_backward", run)
+    monkeypatch.setattr(custom_ops, "launch_dq", None)  # must not be needed
+    yield
+    assert calls, "the atomic dQ backward never ran"
+
+
+@pytest.mark.parametrize("name", ["power", "longnet", "full"])
+def test_atomic_dq_gqa_fp32(name, poisoned, atomic_dq):
+    run_and_compare(powerattn.make_pattern(name, **SMALL[name]), 2, 90, 8, 2, 32, torch.float32, "cpu")
+
+
+def test_atomic_dq_varlen_split_columns(poisoned, atomic_dq, split_every_long_column):
+    # The interpreter adds with per-element atomics where the GPU uses TMA reduce-adds: the same sums,
+    # masked at each document's end (the GPU's dS is zero there), pieces of cut columns included.
+    cu = torch.tensor([0, 20, 21, 150], dtype=torch.int32)
+    run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 1, 150, 4, 1, 16, torch.float32, "cpu",
+                    cu=cu, max_seqlen=300)
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_decode_against_reference(name, poisoned):
     pat = powerattn.make_pattern(name, **SMALL[name])
@@ -216,6 +247,29 @@ def test_gpu_decode_bf16(name):
         assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.gpu
+def test_gpu_decode_direct_launch_matches_triton_launcher():
+    """After its first call a plan launches its compiled kernel directly; a misaligned input must go
+    back through Triton's launcher (a kernel compiled for 16-byte-aligned pointers would misread it)."""
+    from powerattn.kernels import decode
+
+    pat = powerattn.make_pattern("power", block_size=256, window=5, sink=1)
+    kc = torch.randn(1, 20000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lengths = torch.tensor([19000], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    first = powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton")
+    plan = decode._plan(pat, 1, 1, 32, 8, 128, 20000, q.device)
+    assert plan.compiled, "the first call did not keep its compiled kernel"
+    for _ in range(3):
+        assert torch.equal(powerattn.decode_attention(q, kc, vc, pat, lengths, backend="triton"), first)
+    shifted = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q).copy_(q)  # 2-byte offset
+    assert shifted.data_ptr() % 16 and shifted.is_contiguous()
+    assert torch.equal(powerattn.decode_attention(shifted, kc, vc, pat, lengths, backend="triton"), first)
+    ref = decode_reference(q.float(), kc.float(), vc.float(), pat, lengths)
+    assert rel_err(first, ref) < 1e-2
+
+
 
 def test_heavy_first_schedule_cuts_the_sink_columns_and_covers_every_entry_once():
     from powerattn.kernels.tables import heavy_first_schedule
@@ -324,3 +378,18 @@ def test_workspace_slots_only_where_a_column_is_cut():
 @pytest.mark.gpu
 def test_gpu_bf16_split_columns_deterministic(split_every_long_column):
     check_bf16_varlen_deterministic([0, 3000, 3001, 9000], 16, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["power", "longnet", "full"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_bf16_atomic_dq(name, d, atomic_dq):
+    pat = powerattn.make_pattern(name, block_size=256, **PAPER[name])
+    run_and_compare(pat, 1, 4096 + 77, 16, 4, d, torch.bfloat16, "cuda", tol=1.5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_atomic_dq_varlen_split_columns(atomic_dq, split_every_long_column):
+    pat = powerattn.make_pattern("power", block_size=256)
+    cu = torch.tensor([0, 3000, 3001, 9000], dtype=torch.int32, device="cuda")
+    run_and_compare(pat, 1, 9000, 16, 4, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)

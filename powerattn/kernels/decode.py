@@ -124,6 +124,7 @@ class _Plan(NamedTuple):
     kv_ptr: torch.Tensor
     kv_idx: torch.Tensor
     constants: dict
+    compiled: dict  # (q dtype, cache dtype) -> the kernel Triton compiled for this shape (see _launch)
 
 
 @functools.lru_cache(maxsize=256)
@@ -138,7 +139,7 @@ def _plan(pattern: Pattern, b: int, c: int, h: int, hkv: int, d: int, max_len: i
     splits = max(1, min(items, triton.cdiv(WAVES * sms, b * c * hkv), MAX_SPLITS))
     constants = dict(GROUP=h // hkv, BLOCK_H=max(MIN_DOT, triton.next_power_of_2(h // hkv)), HEAD_DIM=d,
                      BLOCK_N=block_n, PATTERN_BLOCK=bs, SPLIT=splits > 1, BLOCK_S=triton.next_power_of_2(splits))
-    return _Plan((b * c, hkv, splits), splits, tables.kv_ptr, tables.kv_idx, constants)
+    return _Plan((b * c, hkv, splits), splits, tables.kv_ptr, tables.kv_idx, constants, {})
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -172,8 +173,33 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     o_part, l_part, counters = (_workspace(q.device, b * c * h * plan.splits, d, b * c * hkv) if plan.splits > 1
                                 else (q, q, q))
     out = torch.empty_like(q)
-    _decode_kernel[plan.grid](
-        q, k_cache, v_cache, out, o_part, l_part, counters, cache_seqlens, plan.kv_ptr, plan.kv_idx,
-        c, hkv, max_len, plan.splits, scale * LOG2_E, **plan.constants,
-    )
+    _launch(plan, q, k_cache, v_cache, out, o_part, l_part, counters, cache_seqlens, plan.kv_ptr, plan.kv_idx,
+            c, hkv, max_len, plan.splits, scale * LOG2_E)
     return out
+
+
+def _launch(plan: _Plan, *args) -> None:
+    """_decode_kernel[plan.grid](*args, **plan.constants), at a fraction of the host time after the first call.
+
+    Triton's launcher binds and specialises every argument in Python before each launch: most of a
+    batch-1 decode step on a slow host (docs/kernels.md step 10). Within one plan every specialised
+    value is fixed (the integers and dtypes by the plan's key and the dtypes below, the workspace
+    by its cache) except the caller's tensors' 16-byte alignment, checked here; so after the first
+    launch the compiled kernel is called directly, with the same arguments and hooks Triton's own
+    path passes to it.
+    """
+    q, k_cache, v_cache = args[:3]
+    key = (q.dtype, k_cache.dtype)
+    compiled = plan.compiled.get(key)
+    aligned = not (q.data_ptr() % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16 or args[7].data_ptr() % 16)
+    if compiled is None or not aligned:
+        compiled = _decode_kernel[plan.grid](*args, **plan.constants)
+        if aligned and not interpreting() and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+            plan.compiled[key] = compiled
+        return
+    args = (*args, *plan.constants.values())
+    stream = triton.runtime.driver.active.get_current_stream(q.device.index)
+    hooks = triton.knobs.runtime
+    compiled.run(*plan.grid, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(plan.grid, stream, *args), hooks.launch_enter_hook, hooks.launch_exit_hook,
+                 *args)
