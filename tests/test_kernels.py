@@ -98,37 +98,6 @@ def test_varlen_with_given_max_seqlen_and_long_table_bucket(poisoned):
                     cu=cu, max_seqlen=200)
 
 
-@pytest.fixture
-def atomic_dq(monkeypatch):
-    """The backward with dQ added up atomically inside the dK/dV kernel (no dQ kernel); records that it ran."""
-    from powerattn.kernels import custom_ops
-
-    calls = []
-    real = custom_ops.run_backward
-
-    def run(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs, atomic_dq=True)
-
-    monkeypatch.setattr(custom_ops, "run_backward", run)
-    monkeypatch.setattr(custom_ops, "launch_dq", None)  # must not be needed
-    yield
-    assert calls, "the atomic dQ backward never ran"
-
-
-@pytest.mark.parametrize("name", ["power", "longnet", "full"])
-def test_atomic_dq_gqa_fp32(name, poisoned, atomic_dq):
-    run_and_compare(powerattn.make_pattern(name, **SMALL[name]), 2, 90, 8, 2, 32, torch.float32, "cpu")
-
-
-def test_atomic_dq_varlen_split_columns(poisoned, atomic_dq, split_every_long_column):
-    # The interpreter adds with per-element atomics where the GPU uses TMA reduce-adds: the same sums,
-    # masked at each document's end (the GPU's dS is zero there), pieces of cut columns included.
-    cu = torch.tensor([0, 20, 21, 150], dtype=torch.int32)
-    run_and_compare(powerattn.make_pattern("power", **SMALL["power"]), 1, 150, 4, 1, 16, torch.float32, "cpu",
-                    cu=cu, max_seqlen=300)
-
-
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_decode_against_reference(name, poisoned):
     pat = powerattn.make_pattern(name, **SMALL[name])
@@ -379,17 +348,3 @@ def test_workspace_slots_only_where_a_column_is_cut():
 def test_gpu_bf16_split_columns_deterministic(split_every_long_column):
     check_bf16_varlen_deterministic([0, 3000, 3001, 9000], 16, 4)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["power", "longnet", "full"])
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_bf16_atomic_dq(name, d, atomic_dq):
-    pat = powerattn.make_pattern(name, block_size=256, **PAPER[name])
-    run_and_compare(pat, 1, 4096 + 77, 16, 4, d, torch.bfloat16, "cuda", tol=1.5e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_bf16_atomic_dq_varlen_split_columns(atomic_dq, split_every_long_column):
-    pat = powerattn.make_pattern("power", block_size=256)
-    cu = torch.tensor([0, 3000, 3001, 9000], dtype=torch.int32, device="cuda")
-    run_and_compare(pat, 1, 9000, 16, 4, 128, torch.bfloat16, "cuda", cu=cu, tol=1.5e-2)

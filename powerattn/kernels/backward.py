@@ -15,17 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from powerattn.kernels.common import LOG2_E, interpreting, query_tile_program, rows_descriptor, sequence_bounds
+from powerattn.kernels.common import LOG2_E, query_tile_program, rows_descriptor, sequence_bounds
 from powerattn.kernels.tables import DkdvSchedule
 from powerattn.patterns import BlockTables
 
 DELTA_ROWS = 64  # rows of one head per program of the delta kernel
 REDUCE_ROWS = 32  # rows of one split key tile per program of the dK/dV reduce
 COUNT_CHUNK = tl.constexpr(64)  # table entries _valid_count reads at once
-# How the dK/dV kernel adds its dQ shares into float32 sums (DQ_ATOMIC); 0: it does not, the dQ kernel
-# recomputes them.
-ATOMIC_TMA = tl.constexpr(1)  # a TMA reduce-add of each [BLOCK_M, d] tile (Hopper and later)
-ATOMIC_POINTER = tl.constexpr(2)  # per-element atomics: the interpreter's stand-in for the same sums
 
 
 @triton.jit
@@ -56,7 +52,7 @@ def _valid_count(idx_ptr, lo, hi, limit):
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, first, offs_n, seqlen, qk_scale,
-               sm_scale, DQ, dq_cols, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     offs_m = first + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seqlen
     # Rows past the sequence end arrive as zeros or as the next document's rows; lse = +inf there
@@ -71,30 +67,21 @@ def _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, col, f
     dv += tl.dot(p_t.to(do.dtype), do)
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
-    if DQ_ATOMIC:  # dS carries the softmax scale, so dQ needs no pass of its own to scale it (nor dK)
-        ds_t = (ds_t * sm_scale).to(q.dtype)
-        dq = tl.dot(tl.trans(ds_t), k)  # [BLOCK_M, HEAD_DIM], this key tile's share of dQ
-        if DQ_ATOMIC == ATOMIC_TMA:  # one bulk reduce-add of the whole tile (rows past the end: dS = 0)
-            DQ.atomic_add([row0 + first, col], dq)
-        else:  # the CPU interpreter has no TMA reduce: the same sums, element by element
-            offs_d = tl.arange(0, dq.shape[1])
-            tl.atomic_add(DQ + (row0 + offs_m).to(tl.int64)[:, None] * dq_cols + col + offs_d[None, :], dq,
-                          mask=row_ok[:, None])
     dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
 @triton.jit
 def dkdv_kernel(
-    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, DQ, WS_DK, WS_DV, slots, q_ptr, q_idx, q_full, items, cu_seqlens,
-    seq_len, n_kv_heads, n_seq, n_items, n_pieces, qk_scale, sm_scale, dk_scale,
+    q_desc, K, V, do_desc, LSE, DELTA, DK, DV, WS_DK, WS_DV, slots, q_ptr, q_idx, q_full, items, cu_seqlens,
+    seq_len, n_kv_heads, n_seq, n_items, n_pieces, qk_scale, sm_scale,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     # Schedule (see tables.heavy_first_schedule): the pieces of heavy columns first, for every (sequence,
     # KV head), so no long program starts late and runs alone at the end; then whole columns,
@@ -139,19 +126,16 @@ def dkdv_kernel(
     diag_hi = diag_lo
     if with_diagonal:
         diag_hi += _valid_count(q_idx, diag_lo, tl.load(q_ptr + pid_n + 1), n_q_tiles)
-    dq_cols = n_kv_heads * GROUP * HEAD_DIM  # row stride of the float32 dQ sums
     for g in range(GROUP):
         head = kv_head * GROUP + g
         lse_base = LSE + batch * stride_lb + head * stride_lh + start
         delta_base = DELTA + (batch * n_kv_heads * GROUP + head) * seq_len + start
         for j in range(first, full_hi):
             dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
-                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, sm_scale, DQ, dq_cols,
-                                BLOCK_M, False, DQ_ATOMIC)
+                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, False)
         for j in range(diag_lo, diag_hi):
             dk, dv = _dkdv_step(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, row0, head * HEAD_DIM,
-                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, sm_scale, DQ, dq_cols,
-                                BLOCK_M, True, DQ_ATOMIC)
+                                tl.load(q_idx + j) * BLOCK_M, offs_n, seqlen, qk_scale, BLOCK_M, True)
 
     if slot >= 0:  # one of several pieces of its column: partial sums to its slot, unscaled
         offs_r = tl.arange(0, BLOCK_N)
@@ -161,13 +145,13 @@ def dkdv_kernel(
     else:
         dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks
         dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs
-        tl.store(dk_ptrs + offs_d[None, :], (dk * dk_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dk_ptrs + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
 def _dkdv_reduce_kernel(
-    WS_DK, WS_DV, DK, DV, slots, cut, split_tiles, split_ptr, cu_seqlens, seq_len, n_kv_heads, n_seq, dk_scale,
+    WS_DK, WS_DV, DK, DV, slots, cut, split_tiles, split_ptr, cu_seqlens, seq_len, n_kv_heads, n_seq, sm_scale,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr,
@@ -194,7 +178,7 @@ def _dkdv_reduce_kernel(
     col_ok = offs_n < seqlen
     dk_ptrs = DK + batch * stride_dkb + kv_head * stride_dkh + (start + offs_n)[:, None] * stride_dks
     dv_ptrs = DV + batch * stride_dvb + kv_head * stride_dvh + (start + offs_n)[:, None] * stride_dvs
-    tl.store(dk_ptrs + offs_d[None, :], (dk * dk_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dk_ptrs + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
@@ -265,13 +249,8 @@ def launch_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
 
 
 def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSchedule, cu_seqlens,
-                scale: float, cfg: dict, dq_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles.
-
-    With `dq_sums` (float32 [b, s, h, d], zeroed) the kernel also adds every tile's share of dQ into it
-    (atomically: the order of the additions, so the last bits of dQ, vary from run to run), and the dQ
-    kernel is not needed.
-    """
+                scale: float, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV [b, s, kv_heads, d] from the transposed table at (BLOCK_M, BLOCK_N) tiles."""
     b, s, h, d = q.shape
     hkv = k.shape[2]
     block_n = cfg["BLOCK_N"]
@@ -289,28 +268,22 @@ def launch_dkdv(q, k, v, do, lse, delta, tables: BlockTables, schedule: DkdvSche
     # for one 128K sequence with 8 KV heads, at most 80 MB for any packing of 128K tokens.
     ws_dk = torch.empty((capacity, hkv, block_n, d), device=q.device, dtype=torch.float32)
     ws_dv = torch.empty_like(ws_dk)
-    if dq_sums is None:
-        dq_target, dq_atomic, dk_scale = None, 0, scale
-    elif interpreting():
-        dq_target, dq_atomic, dk_scale = dq_sums, ATOMIC_POINTER.value, 1.0
-    else:
-        dq_target, dq_atomic, dk_scale = rows_descriptor(dq_sums, cfg["BLOCK_M"]), ATOMIC_TMA.value, 1.0
     dkdv_kernel[(n_items * n_seq * hkv,)](
         rows_descriptor(q, cfg["BLOCK_M"]), k, v, rows_descriptor(do, cfg["BLOCK_M"]), lse, delta, dk, dv,
-        dq_target, ws_dk, ws_dv, slots, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
-        s, hkv, n_seq, n_items, schedule.n_pieces, scale * LOG2_E, scale, dk_scale,
+        ws_dk, ws_dv, slots, tables.q_ptr, tables.q_idx, tables.q_full, schedule.items, cu_seqlens,
+        s, hkv, n_seq, n_items, schedule.n_pieces, scale * LOG2_E, scale,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, DQ_ATOMIC=dq_atomic, **cfg,
+        GROUP=h // hkv, HEAD_DIM=d, VARLEN=cu_seqlens is not None, **cfg,
     )
     if schedule.n_pieces:
         rows = min(block_n, REDUCE_ROWS)
         _dkdv_reduce_kernel[(schedule.split_tiles.numel(), n_seq * hkv, block_n // rows)](
             ws_dk, ws_dv, dk, dv, slots, cut, schedule.split_tiles, schedule.split_ptr, cu_seqlens, s, hkv, n_seq,
-            dk_scale,
+            scale,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             HEAD_DIM=d, BLOCK_N=block_n, ROWS=rows, VARLEN=cu_seqlens is not None, num_warps=4,

@@ -51,26 +51,14 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_
 
 
 def run_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu_seqlens: Tensor | None,
-                 max_seqlen: int, scale: float, pattern: Pattern,
-                 atomic_dq: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward kernels at their tuned configs: (dq, dk, dv).
-
-    atomic_dq: the dK/dV kernel also adds up dQ (float32 atomics), so the dQ kernel, which recomputes
-    P and dS, does not run; faster, but dQ's last bits then vary from run to run.
-    """
+                 max_seqlen: int, scale: float, pattern: Pattern) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward kernels at their tuned configs: (dq, dk, dv)."""
     delta = launch_delta(o, do)
-    dq_sums = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else None
 
     def run_dkdv(c):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
         schedule = dkdv_schedule(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)
-        if dq_sums is not None:
-            dq_sums.zero_()
-        return launch_dkdv(q, k, v, do, lse, delta, tables, schedule, cu_seqlens, scale, c, dq_sums)
-
-    if atomic_dq:
-        dk, dv = run_dkdv(pick_config("dkdv_atomic", q, k, pattern, max_seqlen, run_dkdv))
-        return dq_sums.to(q.dtype), dk, dv
+        return launch_dkdv(q, k, v, do, lse, delta, tables, schedule, cu_seqlens, scale, c)
 
     def run_dq(c):
         tables = device_tables(pattern, max_seqlen, c["BLOCK_M"], c["BLOCK_N"], q.device)

@@ -23,7 +23,7 @@ from powerattn.patterns import Pattern
 
 DECODE_TILE = 64  # key rows per step of the decode loop (a pattern block is several of them)
 MAX_SPLITS = 128  # slices of one row at most
-WAVES = 2  # programs per SM the split count aims for
+WAVES = 1  # programs per SM the split count aims for (1 beat 2 and 4: docs/kernels.md step 10)
 INTERPRETER_SMS = 4  # stands in for the SM count, so the interpreter exercises several splits
 
 
@@ -124,7 +124,7 @@ class _Plan(NamedTuple):
     kv_ptr: torch.Tensor
     kv_idx: torch.Tensor
     constants: dict
-    compiled: dict  # (q dtype, cache dtype) -> the kernel Triton compiled for this shape (see _launch)
+    compiled: dict  # (q, k and v cache dtypes) -> the kernel Triton compiled for this shape (see _launch)
 
 
 @functools.lru_cache(maxsize=256)
@@ -189,7 +189,7 @@ def _launch(plan: _Plan, *args) -> None:
     path passes to it.
     """
     q, k_cache, v_cache = args[:3]
-    key = (q.dtype, k_cache.dtype)
+    key = (q.dtype, k_cache.dtype, v_cache.dtype)
     compiled = plan.compiled.get(key)
     aligned = not (q.data_ptr() % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16 or args[7].data_ptr() % 16)
     if compiled is None or not aligned:
