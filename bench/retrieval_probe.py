@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/ (this script's folder, first on the path) holds kernels.py, which would shadow the HF hub's `kernels`
+# package that transformers (>= 5.2x) imports when it is installed.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _index(seq: list[int], pat: list[int]) -> int:

@@ -41,6 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import MODELS, model_config, sync  # noqa: E402
 
+# bench/ holds kernels.py, which would shadow the HF hub's `kernels` package that transformers (>= 5.2x)
+# imports when it is installed: once train_step is in, bench/ leaves the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 from powerattn import make_pattern  # noqa: E402
 from powerattn.atomic import atomic_write  # noqa: E402
 from powerattn.dtypes import DTYPES  # noqa: E402
