@@ -347,4 +347,3 @@ def test_workspace_slots_only_where_a_column_is_cut():
 @pytest.mark.gpu
 def test_gpu_bf16_split_columns_deterministic(split_every_long_column):
     check_bf16_varlen_deterministic([0, 3000, 3001, 9000], 16, 4)
-

@@ -188,10 +188,10 @@ def _launch(plan: _Plan, *args) -> None:
     launch the compiled kernel is called directly, with the same arguments and hooks Triton's own
     path passes to it.
     """
-    q, k_cache, v_cache = args[:3]
+    q, k_cache, v_cache, _, _, _, _, cache_seqlens = args[:8]  # out and the workspace: aligned by allocation
     key = (q.dtype, k_cache.dtype, v_cache.dtype)
     compiled = plan.compiled.get(key)
-    aligned = not (q.data_ptr() % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16 or args[7].data_ptr() % 16)
+    aligned = not any(t.data_ptr() % 16 for t in (q, k_cache, v_cache, cache_seqlens))
     if compiled is None or not aligned:
         compiled = _decode_kernel[plan.grid](*args, **plan.constants)
         if aligned and not interpreting() and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
